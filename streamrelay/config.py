@@ -1,0 +1,405 @@
+"""
+Load and validate the YAML route file into immutable objects.
+
+Everything is checked here, before a single socket is bound, so that a typo
+stops ``twistd`` with a message naming the file, the route and the field
+instead of surfacing as a half-started relay.  Field names follow GoDoxy's
+stream routes where the two overlap.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "RouteConfig", "load_config", "parse_config"]
+
+TCP_SCHEMES = ("tcp", "tcp4", "tcp6")
+UDP_SCHEMES = ("udp", "udp4", "udp6")
+SCHEMES = TCP_SCHEMES + UDP_SCHEMES
+
+
+class ConfigError(Exception):
+    """
+    The route file is unusable.  C{str()} is the complete message an operator
+    sees: file, route, field, what was expected and what was found.
+    """
+
+
+class _Invalid(ValueError):
+    """A field value is wrong; the message says what was expected."""
+
+
+# ---------------------------------------------------------------- YAML loading
+
+
+class _Loader(yaml.SafeLoader):
+    """
+    SafeLoader with YAML 1.2 numbers and no duplicate keys.
+
+    YAML 1.1 reads an unquoted C{2222:22} as the base-60 integer 133342, which
+    would turn GoDoxy's port syntax into nonsense; a key written twice is
+    almost always a mistake that YAML would silently resolve to the last one.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _INT_TAG, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789")
+)
+_Loader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
+# ------------------------------------------------------------- value parsers
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object) -> float:
+    """
+    Seconds from C{250ms}, C{5s}, C{1m30s}, C{2h} or a plain number of seconds.
+    """
+    expected = "a duration such as 250ms, 5s, 1m30s, 2h or a number of seconds"
+    if isinstance(value, bool):
+        raise _Invalid(expected)
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise _Invalid(expected + " (not negative)")
+        return float(value)
+    if not isinstance(value, str) or not value:
+        raise _Invalid(expected)
+    text = value.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    position, seconds = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if position != len(text) or position == 0:
+        raise _Invalid(expected)
+    return seconds
+
+
+def _integer(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"an integer from {low} to {high}")
+        if not low <= value <= high:
+            raise _Invalid(f"an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _port_number(text: str, low: int, what: str) -> int:
+    if not re.fullmatch(r"0|[1-9][0-9]{0,4}", text) or not low <= int(text) <= 65535:
+        raise _Invalid(f"{what} port from {low} to 65535")
+    return int(text)
+
+
+def parse_port(value: object) -> tuple[int, int]:
+    """
+    GoDoxy's C{[LISTEN:]TARGET}: C{"2222:22"}; C{"22"} or C{":22"} listen on
+    a port the system picks.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _Invalid('"LISTEN:TARGET" ports, e.g. "2222:22", or a target port')
+    listen, _, target = str(value).rpartition(":")
+    try:
+        return (
+            _port_number(listen, 0, "a listening") if listen else 0,
+            _port_number(target, 1, "a target"),
+        )
+    except _Invalid as e:
+        raise _Invalid(f'"LISTEN:TARGET" ports, e.g. "2222:22": {e}') from None
+
+
+def parse_address(value: object) -> str:
+    """An IP literal, in canonical form."""
+    if not isinstance(value, str):
+        raise _Invalid("an IPv4 or IPv6 address")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _Invalid("an IPv4 or IPv6 address") from None
+
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+", re.ASCII
+)
+
+
+def parse_host(value: object) -> str:
+    """A target host: an IP literal (canonicalised) or a DNS name."""
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            if _HOSTNAME.fullmatch(value):
+                return value
+    raise _Invalid("a host name or an IP address")
+
+
+def _choice(*allowed: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in allowed:
+            raise _Invalid("one of " + ", ".join(allowed))
+        return value  # type: ignore[return-value]
+
+    return parse
+
+
+# ------------------------------------------------------------------ objects
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One route: where it listens, where it relays to, and how."""
+
+    name: str
+    scheme: str
+    bind: str
+    listen_port: int
+    host: str
+    target_port: int
+    connect_timeout: float = 5.0
+    retries: int = 1
+    idle_timeout: float = 0.0
+    half_close_timeout: float = 30.0
+    backlog: int = 1024
+
+    @property
+    def protocol(self) -> str:
+        """C{"tcp"} or C{"udp"}."""
+        return self.scheme[:3]
+
+    @property
+    def family(self) -> int | None:
+        """4 or 6 for the C{*4}/C{*6} schemes, C{None} for either."""
+        return int(self.scheme[3:]) if len(self.scheme) > 3 else None
+
+    @property
+    def listen(self) -> str:
+        """The configured listening address, as C{host:port}."""
+        return join_host_port(self.bind, self.listen_port)
+
+    @property
+    def dst(self) -> str:
+        """The target, as C{host:port}."""
+        return join_host_port(self.host, self.target_port)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole route file."""
+
+    path: str
+    routes: tuple[RouteConfig, ...]
+    shutdown_timeout: float = 10.0
+
+
+def join_host_port(host: str, port: int) -> str:
+    """C{host:port}, with IPv6 literals in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class _Tunable:
+    """A route field that C{defaults} may also set."""
+
+    parse: Callable[[object], Any]
+    protocols: frozenset[str] = field(default=frozenset({"tcp", "udp"}))
+
+
+_TCP = frozenset({"tcp"})
+
+#: Fields settable per route and in C{defaults}.
+TUNABLES: Mapping[str, _Tunable] = {
+    "connect_timeout": _Tunable(parse_duration, _TCP),
+    "retries": _Tunable(_integer(0, 100), _TCP),
+    "idle_timeout": _Tunable(parse_duration, _TCP),
+    "half_close_timeout": _Tunable(parse_duration, _TCP),
+    "backlog": _Tunable(_integer(1, 65535), _TCP),
+}
+
+_ROUTE_ONLY = ("scheme", "bind", "host", "port")
+_TOP_LEVEL = ("defaults", "routes", "shutdown_timeout")
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_config(path: str) -> Config:
+    """
+    Read and validate the route file at C{path}.
+
+    @raise ConfigError: with a message naming the file, route and field.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the route file: {e}") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: str = "<string>") -> Config:
+    """Validate route file contents; C{path} is only used in messages."""
+    try:
+        document = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}YAML error: {e.problem or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML error: {e}") from None
+    return _Parser(path).document(document)
+
+
+class _Parser:
+    """Walks the YAML document, keeping the file name for every message."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, route: str | None, name: str, message: str) -> ConfigError:
+        where = f"route {route!r}: " if route is not None else ""
+        return ConfigError(f"{self.path}: {where}field {name!r}: {message}")
+
+    def value(self, route: str | None, name: str, raw: object, parse: Callable) -> Any:
+        try:
+            return parse(raw)
+        except _Invalid as e:
+            return self._raise(route, name, f"expected {e}, found {raw!r}")
+
+    def _raise(self, route: str | None, name: str, message: str) -> Any:
+        raise self.fail(route, name, message)
+
+    def mapping(self, route: str | None, name: str, raw: object, allowed) -> dict:
+        if not isinstance(raw, dict):
+            self._raise(route, name, f"expected a mapping, found {raw!r}")
+        for key in raw:
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                self._raise(route, f"{name}.{key}" if name else key,
+                            f"unknown field (known fields: {known})")
+        return raw
+
+    def document(self, document: object) -> Config:
+        if document is None:
+            raise ConfigError(f"{self.path}: the route file is empty")
+        top = self.mapping(None, "", document, _TOP_LEVEL)
+        defaults = self.defaults(top.get("defaults", {}))
+        routes_raw = top.get("routes")
+        if not isinstance(routes_raw, dict) or not routes_raw:
+            raise self.fail(None, "routes", f"expected a mapping of route names to routes, found {routes_raw!r}")
+        routes = tuple(
+            self.route(str(name), raw, defaults) for name, raw in routes_raw.items()
+        )
+        self.check_clashes(routes)
+        extra = {}
+        if "shutdown_timeout" in top:
+            extra["shutdown_timeout"] = self.value(
+                None, "shutdown_timeout", top["shutdown_timeout"], parse_duration
+            )
+        return Config(path=self.path, routes=routes, **extra)
+
+    def defaults(self, raw: object) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        self.mapping(None, "defaults", raw, TUNABLES)
+        return {
+            key: self.value(None, f"defaults.{key}", value, TUNABLES[key].parse)
+            for key, value in raw.items()
+        }
+
+    def route(self, name: str, raw: object, defaults: dict[str, Any]) -> RouteConfig:
+        self.mapping(name, "", raw, (*_ROUTE_ONLY, *TUNABLES))
+        assert isinstance(raw, dict)
+        if "scheme" not in raw:
+            self._raise(name, "scheme", "missing (one of " + ", ".join(SCHEMES) + ")")
+        scheme = self.value(name, "scheme", raw["scheme"], _choice(*SCHEMES))
+        protocol, family = scheme[:3], scheme[3:]
+        if "port" not in raw:
+            self._raise(name, "port", 'missing ("LISTEN:TARGET", e.g. "2222:22")')
+        listen_port, target_port = self.value(name, "port", raw["port"], parse_port)
+
+        bind = self.value(name, "bind", raw.get("bind", "0.0.0.0" if family == "4" else "::"), parse_address)
+        host = self.value(name, "host", raw.get("host", "localhost"), parse_host)
+        for key, address in (("bind", bind), ("host", host)):
+            self.check_family(name, key, scheme, address)
+
+        settings: dict[str, Any] = {}
+        for key, tunable in TUNABLES.items():
+            if key in raw:
+                if protocol not in tunable.protocols:
+                    only = "/".join(sorted(tunable.protocols))
+                    self._raise(name, key, f"only supported for {only} routes, not {scheme}")
+                settings[key] = self.value(name, key, raw[key], tunable.parse)
+            elif key in defaults and protocol in tunable.protocols:
+                settings[key] = defaults[key]
+        return RouteConfig(
+            name=name, scheme=scheme, bind=bind, listen_port=listen_port,
+            host=host, target_port=target_port, **settings,
+        )
+
+    def check_family(self, route: str, key: str, scheme: str, address: str) -> None:
+        try:
+            version = ipaddress.ip_address(address).version
+        except ValueError:
+            return  # a host name: resolved within the scheme's family at dial time
+        wanted = scheme[3:]
+        if wanted and str(version) != wanted:
+            self._raise(route, key, f"expected an IPv{wanted} address for scheme {scheme}, found {address!r}")
+
+    def check_clashes(self, routes: tuple[RouteConfig, ...]) -> None:
+        for i, first in enumerate(routes):
+            for second in routes[i + 1 :]:
+                if (
+                    first.protocol == second.protocol
+                    and first.listen_port == second.listen_port != 0
+                    and _binds_overlap(first.bind, second.bind)
+                ):
+                    raise self.fail(
+                        second.name, "port",
+                        f"{second.protocol} {second.listen} clashes with route "
+                        f"{first.name!r} listening on {first.listen}",
+                    )
+
+
+def _binds_overlap(a: str, b: str) -> bool:
+    """
+    Whether two listeners on the same port and protocol would collide.  The
+    dual-stack C{::} covers every address; C{0.0.0.0} covers every IPv4 one.
+    """
+    if a == b or "::" in (a, b):
+        return True
+    return "0.0.0.0" in (a, b) and "." in a and "." in b
+

@@ -1,0 +1,317 @@
+"""
+The TCP relay.
+
+Each accepted connection becomes a L{Pair}: the client's L{Side}, and once
+the target is dialed, the target's.  A pair's life is an explicit state
+machine::
+
+    DIALING ──connected──> RELAYING ──one side's FIN──> HALF_CLOSED ──other FIN──┐
+       │                      │                            │                      │
+       └── dial failed, ──────┴── reset, close, timeout, ──┴──────────────────────┴─> CLOSED
+           client gone            shutdown
+
+While DIALING, what the client sends is held (up to L{HOLD_LIMIT}, then the
+client is paused) and written first, in order, once the target connects.
+While relaying, each transport is the streaming producer of the other, so a
+full write buffer on one side stops reading on the other: memory stays
+bounded whatever the speeds.  A FIN is passed on as a FIN (half-close), and a
+half-closed pair that stays silent for C{half_close_timeout} is aborted.
+"""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, ITCPTransport
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .config import RouteConfig, join_host_port
+from .dial import Dial, resolve
+from .events import RouteEvents
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress
+
+__all__ = ["HOLD_LIMIT", "Pair", "RelayFactory", "Side", "State"]
+
+#: Bytes held from a client while its target is being dialed before reading
+#: from it pauses (Twisted's own read size and write-buffer threshold).
+HOLD_LIMIT = 65536
+
+_connection_ids = itertools.count(1)
+
+
+class State(Enum):
+    DIALING = "dialing"
+    RELAYING = "relaying"
+    HALF_CLOSED = "half-closed"
+    CLOSED = "closed"
+
+
+def describe(address: IAddress) -> str:
+    """C{host:port} of a socket address."""
+    return join_host_port(address.host, address.port)  # type: ignore[attr-defined]
+
+
+@implementer(IHalfCloseableProtocol)
+class Side(Protocol):
+    """
+    One of a pair's two connections.  It writes what it reads straight into
+    C{sink}, the other side's transport, and reports the rest to its pair.
+    """
+
+    transport: ITCPTransport
+
+    def __init__(self, pair: Pair, name: str) -> None:
+        self.pair = pair
+        self.name = name
+        self.sink: ITCPTransport | None = None
+        self.received = 0
+        self.eof = False
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        self.transport.setTcpKeepAlive(True)
+        self.pair.side_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        sink = self.sink
+        if sink is None:
+            self.pair.hold(data)
+            return
+        sink.write(data)
+        timer = self.pair.timer
+        if timer is not None:
+            timer.reset(self.pair.timer_period)
+
+    def readConnectionLost(self) -> None:
+        if not self.eof:
+            self.eof = True
+            self.pair.read_finished(self)
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN went out; nothing to do until the peer finishes too."""
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.lost = True
+        self.pair.side_lost(self, reason)
+
+    def close(self) -> None:
+        """Flush what is buffered, then close."""
+        if not self.lost:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if not self.lost:
+            self.transport.abortConnection()
+
+
+class Pair:
+    """The life of one relayed connection, from accept to close."""
+
+    def __init__(self, factory: RelayFactory) -> None:
+        self.factory = factory
+        self.id = next(_connection_ids)
+        self.state = State.DIALING
+        self.client = Side(self, "client")
+        self.target: Side | None = None
+        self.dial: Dial | None = None
+        self.held: list[bytes] = []
+        self.held_size = 0
+        self.client_paused = False
+        self.timer: IDelayedCall | None = None
+        self.timer_period = 0.0
+        self.timer_reason = ""
+        self.reason = ""
+        self.closing = False
+        self.peer = ""
+        self.started = factory.reactor.seconds()
+        self.done: Deferred[None] = Deferred()
+
+    # -- events from the sides
+
+    def side_connected(self, side: Side) -> None:
+        if side is self.client:
+            self.accepted()
+        else:
+            self.connected(side)
+
+    def accepted(self) -> None:
+        self.peer = describe(self.client.transport.getPeer())
+        self.factory.events.debug("accept", conn=self.id, client=self.peer)
+        route = self.factory.route
+        resolve(self.factory.reactor, route.host, route.family).addCallbacks(
+            self.start_dial, self.dial_failed
+        )
+
+    def start_dial(self, addresses: list[str]) -> None:
+        if self.state is not State.DIALING:
+            return
+        route = self.factory.route
+        self.dial = Dial(
+            self.factory.reactor, addresses, route.target_port, route.connect_timeout,
+            route.retries, lambda: Side(self, "target"), self.dial_failed,
+        )
+        self.dial.start()
+
+    def hold(self, data: bytes) -> None:
+        """Keep what the client sends while the target is being dialed."""
+        self.held.append(data)
+        self.held_size += len(data)
+        if self.held_size >= HOLD_LIMIT and not self.client_paused:
+            self.client_paused = True
+            self.client.transport.pauseProducing()
+
+    def connected(self, target: Side) -> None:
+        if self.state is not State.DIALING:
+            target.transport.abortConnection()
+            return
+        self.state = State.RELAYING
+        self.target = target
+        client, upstream = self.client.transport, target.transport
+        self.factory.events.debug(
+            "connected", conn=self.id, client=self.peer, via=describe(upstream.getHost())
+        )
+        client.registerProducer(upstream, True)
+        target.sink = client
+        if self.client.eof:
+            self.write_held(upstream)
+            self.read_finished(self.client)
+            return
+        upstream.registerProducer(client, True)
+        if self.client_paused:
+            self.client_paused = False
+            client.resumeProducing()
+        self.write_held(upstream)
+        self.client.sink = upstream
+        if self.factory.route.idle_timeout:
+            self.arm_timer(self.factory.route.idle_timeout, "idle timeout")
+
+    def write_held(self, upstream: ITCPTransport) -> None:
+        if self.held:
+            upstream.writeSequence(self.held)
+            self.held = []
+
+    def read_finished(self, side: Side) -> None:
+        """C{side} sent a FIN: pass it on, and close once both have."""
+        if self.state is State.DIALING:
+            return  # passed on when the target connects
+        other = self.target if side is self.client else self.client
+        assert other is not None
+        other.transport.unregisterProducer()
+        other.transport.loseWriteConnection()
+        if other.eof:
+            self.close("done")
+        else:
+            self.state = State.HALF_CLOSED
+            self.arm_timer(self.factory.route.half_close_timeout, "half-close timeout")
+
+    def side_lost(self, side: Side, reason: Failure) -> None:
+        if self.state is State.CLOSED:
+            return
+        if not self.reason:
+            how = "closed" if reason.check(ConnectionDone) else "reset"
+            self.reason = f"{side.name} {how}"
+        if self.state is State.DIALING:
+            self.state = State.CLOSED
+            if self.dial is not None:
+                self.dial.cancel()
+            self.finished()
+            return
+        other = self.target if side is self.client else self.client
+        assert other is not None
+        if other.lost:
+            self.state = State.CLOSED
+            self.finished()
+        else:
+            other.close()
+
+    def dial_failed(self, reason: Failure) -> None:
+        if self.state is not State.DIALING:
+            return
+        self.reason = "dial failed"
+        self.factory.events.warn(
+            "dial-failed", conn=self.id, client=self.peer, reason=reason.getErrorMessage()
+        )
+        self.client.close()
+
+    # -- timers and closing
+
+    def arm_timer(self, period: float, reason: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if period:
+            self.timer_period = period
+            self.timer_reason = reason
+            self.timer = self.factory.reactor.callLater(period, self.timed_out)
+
+    def timed_out(self) -> None:
+        """Close gracefully; if the pair is still open one period later, abort it."""
+        self.timer = None
+        if self.closing:
+            self.abort(self.timer_reason)
+        else:
+            self.close(self.timer_reason)
+            self.arm_timer(self.timer_period, self.timer_reason)
+
+    def close(self, reason: str) -> None:
+        """Close both sides once their buffers are flushed."""
+        self.reason = self.reason or reason
+        self.closing = True
+        self.client.close()
+        if self.target is not None:
+            self.target.close()
+        elif self.dial is not None:
+            self.dial.cancel()
+
+    def abort(self, reason: str) -> None:
+        """Close both sides at once, dropping what is buffered."""
+        self.reason = self.reason or reason
+        if self.dial is not None and self.target is None:
+            self.dial.cancel()
+        self.client.abort()
+        if self.target is not None:
+            self.target.abort()
+
+    def finished(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        target_bytes = self.target.received if self.target is not None else 0
+        self.factory.events.info(
+            "closed", conn=self.id, client=self.peer, reason=self.reason,
+            duration=self.factory.reactor.seconds() - self.started,
+            bytes_up=self.client.received, bytes_down=target_bytes,
+        )
+        self.factory.pair_closed(self)
+        self.done.callback(None)
+
+
+class RelayFactory(ServerFactory):
+    """A TCP route's server factory: one L{Pair} per accepted connection."""
+
+    noisy = False
+
+    def __init__(self, route: RouteConfig, events: RouteEvents, reactor) -> None:
+        self.route = route
+        self.events = events
+        self.reactor = reactor
+        self.pairs: set[Pair] = set()
+
+    def buildProtocol(self, addr: IAddress) -> Side:
+        pair = Pair(self)
+        self.pairs.add(pair)
+        return pair.client
+
+    def pair_closed(self, pair: Pair) -> None:
+        self.pairs.discard(pair)

@@ -1,0 +1,93 @@
+"""
+Packaging and entry points: the twistd plugin, the .tac file, the example
+configuration and the log formats, each run as a real process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.harness import TWISTD, Relay, Target, connect, poll, recv_exactly, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_plugin_is_discoverable() -> None:
+    code = (
+        "from twisted.plugin import getPlugins\n"
+        "from twisted.application.service import IServiceMaker\n"
+        "print([p.tapname for p in getPlugins(IServiceMaker)])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    assert "'streamrelay'" in result.stdout
+
+
+def test_help_lists_the_options() -> None:
+    result = subprocess.run([TWISTD, "streamrelay", "--help"], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0
+    assert "--config=" in result.stdout and "--log-level=" in result.stdout
+
+
+def test_config_is_required() -> None:
+    result = subprocess.run([TWISTD, "-n", "--pidfile=", "streamrelay"], capture_output=True, text=True, cwd="/")
+    assert result.returncode != 0
+    assert "--config FILE is required" in result.stdout + result.stderr
+
+
+def test_tac_file_runs_the_same_service(tmp_path: Path) -> None:
+    with Target() as target:
+        config = write_config(
+            tmp_path,
+            f"routes:\n  echo: {{scheme: tcp4, bind: 127.0.0.1, host: 127.0.0.1, port: ':{target.port}'}}\n",
+        )
+        process = subprocess.Popen(
+            [TWISTD, "-ny", str(ROOT / "etc" / "streamrelay.tac"), "--pidfile=", "--logfile", "relay.log"],
+            cwd=tmp_path, env={**os.environ, "STREAMRELAY_CONFIG": str(config)},
+        )
+        try:
+            log = tmp_path / "relay.log"
+            line = poll(lambda: next((l for l in _lines(log) if "route echo: tcp listening on" in l), None))
+            port = int(line.split("listening on 127.0.0.1:")[1].split(",")[0])
+            with connect(port) as sock:
+                sock.sendall(b"tac")
+                assert recv_exactly(sock, 3) == b"tac"
+        finally:
+            process.terminate()
+            process.wait(15)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_example_config_starts(tmp_path: Path) -> None:
+    with Relay(ROOT / "etc" / "routes.yml") as relay:
+        assert set(relay.ports) == {"ssh", "web"}
+        assert relay.ports["ssh"] == 2222
+
+
+def test_text_log_is_readable(tmp_path: Path) -> None:
+    with Target() as target:
+        config = write_config(
+            tmp_path,
+            f"routes:\n  echo: {{scheme: tcp4, bind: 127.0.0.1, host: 127.0.0.1, port: ':{target.port}'}}\n",
+        )
+        log = tmp_path / "text.log"
+        process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "--logfile", str(log), "streamrelay", "--config", str(config)],
+            cwd=tmp_path,
+        )
+        try:
+            line = poll(lambda: next((l for l in _lines(log) if "listening on" in l), None))
+            port = int(line.split("listening on 127.0.0.1:")[1].split(",")[0])
+            with connect(port) as sock:
+                sock.sendall(b"x")
+                assert recv_exactly(sock, 1) == b"x"
+            closed = poll(lambda: next((l for l in _lines(log) if "closed (done)" in l), None))
+            assert "1 bytes up, 1 bytes down" in closed and "[streamrelay#info] route echo: #" in closed
+        finally:
+            process.terminate()
+            process.wait(15)
