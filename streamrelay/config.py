@@ -12,11 +12,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import yaml
 
 __all__ = ["Config", "ConfigError", "RouteConfig", "load_config", "parse_config"]
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 TCP_SCHEMES = ("tcp", "tcp4", "tcp6")
 UDP_SCHEMES = ("udp", "udp4", "udp6")
@@ -107,6 +109,14 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+def _positive_duration(value: object) -> float:
+    """A duration above zero: for periods where 0 would mean "always", not "never"."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise _Invalid("a duration above 0 such as 250ms, 5s or 1m")
+    return seconds
+
+
 def _integer(low: int, high: int) -> Callable[[object], int]:
     def parse(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -167,16 +177,52 @@ def parse_host(value: object) -> str:
     raise _Invalid("a host name or an IP address")
 
 
-def _choice(*allowed: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
-        if value not in allowed:
-            raise _Invalid("one of " + ", ".join(allowed))
-        return value  # type: ignore[return-value]
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("true or false")
+    return value
+
+
+def parse_network(value: object) -> IPNetwork:
+    """An address or a CIDR block, e.g. C{10.0.0.0/8} or C{::1}."""
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value, strict=True)
+        except ValueError:
+            pass
+    raise _Invalid("an IP address or a CIDR block such as 10.0.0.0/8 (no host bits set)")
+
+
+def _choice(*allowed: Any) -> Callable[[object], Any]:
+    def parse(value: object) -> Any:
+        if isinstance(value, bool) or value not in allowed:
+            raise _Invalid("one of " + ", ".join(map(str, allowed)))
+        return value
 
     return parse
 
 
 # ------------------------------------------------------------------ objects
+
+
+PROXY_MODES = ("disabled", "required", "mixed", "optional")
+
+
+@dataclass(frozen=True)
+class ProxyProtocolConfig:
+    """Inbound PROXY headers: who may send them, and whether they must."""
+
+    mode: str = "disabled"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    timeout: float = 3.0
+    detect_timeout: float = 0.3
+
+    def trusts(self, host: str) -> bool:
+        """Whether the socket peer C{host} may send a header."""
+        address = ipaddress.ip_address(host.partition("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_proxies)
 
 
 @dataclass(frozen=True)
@@ -194,6 +240,13 @@ class RouteConfig:
     idle_timeout: float = 0.0
     half_close_timeout: float = 30.0
     backlog: int = 1024
+    proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
+    relay_proxy_protocol_header: bool = False
+    proxy_protocol_version: int = 2
+    proxy_protocol_unique_id: bool = False
+    udp_idle_timeout: float = 300.0
+    udp_cleanup_interval: float = 60.0
+    max_udp_sessions: int = 4096
 
     @property
     def protocol(self) -> str:
@@ -239,6 +292,7 @@ class _Tunable:
 
 
 _TCP = frozenset({"tcp"})
+_UDP = frozenset({"udp"})
 
 #: Fields settable per route and in C{defaults}.
 TUNABLES: Mapping[str, _Tunable] = {
@@ -247,10 +301,17 @@ TUNABLES: Mapping[str, _Tunable] = {
     "idle_timeout": _Tunable(parse_duration, _TCP),
     "half_close_timeout": _Tunable(parse_duration, _TCP),
     "backlog": _Tunable(_integer(1, 65535), _TCP),
+    "relay_proxy_protocol_header": _Tunable(_boolean, _TCP),
+    "proxy_protocol_version": _Tunable(_choice(1, 2), _TCP),
+    "proxy_protocol_unique_id": _Tunable(_boolean, _TCP),
+    "udp_idle_timeout": _Tunable(_positive_duration, _UDP),
+    "udp_cleanup_interval": _Tunable(_positive_duration, _UDP),
+    "max_udp_sessions": _Tunable(_integer(1, 1 << 20), _UDP),
 }
 
-_ROUTE_ONLY = ("scheme", "bind", "host", "port")
-_TOP_LEVEL = ("defaults", "routes", "shutdown_timeout")
+_ROUTE_ONLY = ("scheme", "bind", "host", "port", "proxy_protocol")
+_TOP_LEVEL = ("defaults", "routes", "shutdown_timeout", "proxy_protocol", "entrypoint")
+_PROXY_FIELDS = ("mode", "trusted_proxies", "timeout", "detect_timeout")
 
 
 # ------------------------------------------------------------------ loading
@@ -317,6 +378,7 @@ class _Parser:
             raise ConfigError(f"{self.path}: the route file is empty")
         top = self.mapping(None, "", document, _TOP_LEVEL)
         defaults = self.defaults(top.get("defaults", {}))
+        defaults["proxy_protocol"] = self.top_proxy_protocol(top)
         routes_raw = top.get("routes")
         if not isinstance(routes_raw, dict) or not routes_raw:
             raise self.fail(None, "routes", f"expected a mapping of route names to routes, found {routes_raw!r}")
@@ -340,6 +402,43 @@ class _Parser:
             for key, value in raw.items()
         }
 
+    def top_proxy_protocol(self, top: dict) -> ProxyProtocolConfig:
+        """The top-level block, also accepted as GoDoxy's C{entrypoint.proxy_protocol}."""
+        if "entrypoint" in top:
+            entrypoint = self.mapping(None, "entrypoint", top["entrypoint"], ("proxy_protocol",))
+            if "proxy_protocol" in top and "proxy_protocol" in entrypoint:
+                self._raise(None, "entrypoint.proxy_protocol", "given twice: also at the top level")
+            if "proxy_protocol" in entrypoint:
+                return self.proxy_protocol(None, "entrypoint.proxy_protocol", entrypoint["proxy_protocol"])
+        if "proxy_protocol" in top:
+            return self.proxy_protocol(None, "proxy_protocol", top["proxy_protocol"])
+        return ProxyProtocolConfig()
+
+    def proxy_protocol(self, route: str | None, name: str, raw: object) -> ProxyProtocolConfig:
+        self.mapping(route, name, raw, _PROXY_FIELDS)
+        assert isinstance(raw, dict)
+        settings: dict[str, Any] = {}
+        if "mode" in raw:
+            settings["mode"] = self.value(route, f"{name}.mode", raw["mode"], _choice(*PROXY_MODES))
+        for key in ("timeout", "detect_timeout"):
+            if key in raw:
+                settings[key] = self.value(route, f"{name}.{key}", raw[key], parse_duration)
+        trusted = raw.get("trusted_proxies", [])
+        if not isinstance(trusted, list):
+            self._raise(route, f"{name}.trusted_proxies", f"expected a list of addresses or CIDR blocks, found {trusted!r}")
+        settings["trusted_proxies"] = tuple(
+            self.value(route, f"{name}.trusted_proxies[{i}]", entry, parse_network)
+            for i, entry in enumerate(trusted)
+        )
+        config = ProxyProtocolConfig(**settings)
+        if config.mode != "disabled" and not config.trusted_proxies:
+            self._raise(
+                route, f"{name}.trusted_proxies",
+                f"mode {config.mode} needs at least one trusted proxy "
+                "(to trust every peer, write 0.0.0.0/0 and ::/0)",
+            )
+        return config
+
     def route(self, name: str, raw: object, defaults: dict[str, Any]) -> RouteConfig:
         self.mapping(name, "", raw, (*_ROUTE_ONLY, *TUNABLES))
         assert isinstance(raw, dict)
@@ -357,6 +456,12 @@ class _Parser:
             self.check_family(name, key, scheme, address)
 
         settings: dict[str, Any] = {}
+        if protocol == "tcp":
+            settings["proxy_protocol"] = defaults["proxy_protocol"]
+        if "proxy_protocol" in raw:
+            if protocol != "tcp":
+                self._raise(name, "proxy_protocol", f"only supported for tcp routes, not {scheme}")
+            settings["proxy_protocol"] = self.proxy_protocol(name, "proxy_protocol", raw["proxy_protocol"])
         for key, tunable in TUNABLES.items():
             if key in raw:
                 if protocol not in tunable.protocols:

@@ -36,7 +36,14 @@ FORMATS = {
         "route {route}: #{conn} {client} closed ({reason}) after {duration:.3f}s,"
         " {bytes_up} bytes up, {bytes_down} bytes down"
     ),
+    "rejected": "route {route}: rejected {client}: {reason}",
     "abort": "route {route}: #{conn} {client} aborted: {reason}",
+    "session-open": "route {route}: {client} session to {dst} opened from {via}",
+    "session-closed": (
+        "route {route}: {client} session closed ({reason}) after {duration:.3f}s,"
+        " {datagrams_up} datagrams ({bytes_up} bytes) up, {datagrams_down} datagrams"
+        " ({bytes_down} bytes) down, {dropped} dropped"
+    ),
     "fd-limit": "descriptor limit raised from {old} to {new}",
 }
 

@@ -6,7 +6,8 @@ Ports are bound in C{privilegedStartService} (before twistd drops
 privileges); if any route cannot bind, the ones already bound are closed
 and start-up stops with a message naming the route and the address.
 Stopping stops listening at once, then closes open connections cleanly,
-aborting whatever is still open after C{shutdown_timeout}.
+aborting whatever is still open after C{shutdown_timeout}; UDP sessions have
+nothing to flush and are closed at once.
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import LogLevel
 
 from . import events
 from .config import Config, RouteConfig, join_host_port
 from .events import RouteEvents
+from .proxyproto.wrapper import ProxyHeaderFactory
 from .tcp import RelayFactory
+from .udp import MAX_DATAGRAM, DatagramRelay
 
-__all__ = ["RelayService", "RouteService", "StartError", "make_service"]
+__all__ = ["RelayService", "RouteService", "StartError", "UDPRouteService", "make_service"]
 
 
 class StartError(SystemExit):
@@ -35,28 +39,32 @@ class StartError(SystemExit):
     """
 
 
-class RouteService(Service):
-    """A TCP route: its listening port and the pairs it relays."""
+class _ListeningService(Service):
+    """
+    What TCP and UDP routes share: the route's name and events, and its port,
+    bound by C{privilegedStartService} (or C{startService} under a parent
+    without a privileged phase).
+    """
 
-    def __init__(self, route: RouteConfig, shutdown_timeout: float, reactor: Any) -> None:
+    def __init__(self, route: RouteConfig, reactor: Any) -> None:
         self.name = f"route:{route.name}"
         self.route = route
-        self.shutdown_timeout = shutdown_timeout
         self.reactor = reactor
         self.events = RouteEvents(route)
-        self.factory = RelayFactory(route, self.events, reactor)
         self.port: IListeningPort | None = None
+
+    def listen(self) -> IListeningPort:
+        """Bind the route's port (C{CannotListenError} if it cannot)."""
+        raise NotImplementedError
 
     def bind(self) -> None:
         """Listen on the route's address; raise L{StartError} if it cannot."""
         route = self.route
         try:
-            self.port = self.reactor.listenTCP(
-                route.listen_port, self.factory, backlog=route.backlog, interface=route.bind
-            )
+            self.port = self.listen()
         except CannotListenError as e:
             raise StartError(
-                f"streamrelay: route {route.name!r}: cannot listen on tcp "
+                f"streamrelay: route {route.name!r}: cannot listen on {route.protocol} "
                 f"{route.listen}: {e.socketError}"
             ) from None
         host = self.port.getHost()
@@ -73,12 +81,40 @@ class RouteService(Service):
             self.bind()
         super().startService()
 
+    def unbind(self) -> None:
+        """Close the listening port of a route whose siblings failed to start."""
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
+
+
+class RouteService(_ListeningService):
+    """A TCP route: its listening port and the pairs it relays."""
+
+    def __init__(self, route: RouteConfig, shutdown_timeout: float, reactor: Any) -> None:
+        super().__init__(route, reactor)
+        self.shutdown_timeout = shutdown_timeout
+        self.factory = RelayFactory(route, self.events, reactor)
+        self.header_factory: ProxyHeaderFactory | None = None
+        self.listening_factory: ServerFactory = self.factory
+        if route.proxy_protocol.mode != "disabled":
+            self.header_factory = ProxyHeaderFactory(self.factory, route.proxy_protocol, self.events, reactor)
+            self.listening_factory = self.header_factory
+
+    def listen(self) -> IListeningPort:
+        route = self.route
+        return self.reactor.listenTCP(
+            route.listen_port, self.listening_factory, backlog=route.backlog, interface=route.bind
+        )
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
         port, self.port = self.port, None
         stopped = port.stopListening() if port is not None else None
         if port is not None:
             self.events.info("stop")
+        if self.header_factory is not None:
+            self.header_factory.close_pending()
         pairs = list(self.factory.pairs)
         for pair in pairs:
             pair.close("shutdown")
@@ -101,11 +137,36 @@ class RouteService(Service):
             self.events.warn("abort", conn=pair.id, client=pair.peer, reason="shutdown timeout")
             pair.abort("shutdown timeout")
 
-    def unbind(self) -> None:
-        """Close the listening port of a route whose siblings failed to start."""
-        if self.port is not None:
-            self.port.stopListening()
-            self.port = None
+
+class UDPRouteService(_ListeningService):
+    """A UDP route: its listening socket and the sessions it relays."""
+
+    def __init__(self, route: RouteConfig, reactor: Any) -> None:
+        super().__init__(route, reactor)
+        self.relay = DatagramRelay(route, self.events, reactor)
+
+    def listen(self) -> IListeningPort:
+        route = self.route
+        return self.reactor.listenUDP(
+            route.listen_port, self.relay, interface=route.bind, maxPacketSize=MAX_DATAGRAM
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        self.relay.start_sweeping()
+
+    def stopService(self) -> Deferred[object]:
+        super().stopService()
+        port, self.port = self.port, None
+        waiting: list[Deferred[None] | None] = []
+        if port is not None:
+            waiting.append(port.stopListening())
+            relay = self.relay
+            self.events.info(
+                "stop", sessions=relay.opened, refused=relay.refused, unreachable=relay.unreachable
+            )
+        waiting += self.relay.close_all("shutdown")
+        return DeferredList([d for d in waiting if d is not None])
 
 
 class RelayService(MultiService):
@@ -115,16 +176,16 @@ class RelayService(MultiService):
         super().__init__()
         self.config = config
         for route in config.routes:
-            if route.protocol != "tcp":
-                raise StartError(
-                    f"streamrelay: {config.path}: route {route.name!r}: "
-                    f"{route.scheme} routes are not relayed yet"
-                )
-            RouteService(route, config.shutdown_timeout, reactor).setServiceParent(self)
+            service: _ListeningService
+            if route.protocol == "tcp":
+                service = RouteService(route, config.shutdown_timeout, reactor)
+            else:
+                service = UDPRouteService(route, reactor)
+            service.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         raise_descriptor_limit()
-        started: list[RouteService] = []
+        started: list[_ListeningService] = []
         try:
             for child in self:
                 child.privilegedStartService()

@@ -21,6 +21,7 @@ half-closed pair that stays silent for C{half_close_timeout} is aborted.
 from __future__ import annotations
 
 import itertools
+import os
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ from zope.interface import implementer
 from .config import RouteConfig, join_host_port
 from .dial import Dial, resolve
 from .events import RouteEvents
+from .proxyproto import PP2_TYPE_UNIQUE_ID, build_v1, build_v2, unify_families
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress
@@ -45,6 +47,8 @@ __all__ = ["HOLD_LIMIT", "Pair", "RelayFactory", "Side", "State"]
 HOLD_LIMIT = 65536
 
 _connection_ids = itertools.count(1)
+#: Makes PROXY v2 unique ids differ across relay restarts and processes.
+_RUN_ID = os.urandom(4).hex()
 
 
 class State(Enum):
@@ -132,6 +136,7 @@ class Pair:
         self.timer_period = 0.0
         self.timer_reason = ""
         self.reason = ""
+        self.unique_id: str | None = None
         self.closing = False
         self.peer = ""
         self.started = factory.reactor.seconds()
@@ -178,6 +183,8 @@ class Pair:
         self.state = State.RELAYING
         self.target = target
         client, upstream = self.client.transport, target.transport
+        if self.factory.route.relay_proxy_protocol_header:
+            upstream.write(self.proxy_header())
         self.factory.events.debug(
             "connected", conn=self.id, client=self.peer, via=describe(upstream.getHost())
         )
@@ -195,6 +202,22 @@ class Pair:
         self.client.sink = upstream
         if self.factory.route.idle_timeout:
             self.arm_timer(self.factory.route.idle_timeout, "idle timeout")
+
+    def proxy_header(self) -> bytes:
+        """
+        The PROXY header for the target: the real client (from an accepted
+        inbound header, else the socket peer) and the address it reached.
+        """
+        peer, host = self.client.transport.getPeer(), self.client.transport.getHost()
+        source, destination = unify_families((peer.host, peer.port), (host.host, host.port))
+        route = self.factory.route
+        if route.proxy_protocol_version == 1:
+            return build_v1(source, destination)
+        tlvs = []
+        if route.proxy_protocol_unique_id:
+            self.unique_id = f"{_RUN_ID}-{self.id}"
+            tlvs.append((PP2_TYPE_UNIQUE_ID, self.unique_id.encode("ascii")))
+        return build_v2(source, destination, tlvs=tlvs)
 
     def write_held(self, upstream: ITCPTransport) -> None:
         if self.held:
@@ -291,7 +314,7 @@ class Pair:
         self.factory.events.info(
             "closed", conn=self.id, client=self.peer, reason=self.reason,
             duration=self.factory.reactor.seconds() - self.started,
-            bytes_up=self.client.received, bytes_down=target_bytes,
+            bytes_up=self.client.received, bytes_down=target_bytes, unique_id=self.unique_id,
         )
         self.factory.pair_closed(self)
         self.done.callback(None)

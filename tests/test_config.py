@@ -91,6 +91,22 @@ ERRORS = [
     (route("scheme: udp\nport: '1:2'\nidle_timeout: 5s\n"), "route 'ssh': field 'idle_timeout': only supported for tcp routes, not udp"),
     ("defaults: {connect_timeout: -1}\n" + route("scheme: tcp\nport: '1:2'\n"), "field 'defaults.connect_timeout': expected a duration"),
     ("defaults: {scheme: tcp}\n" + route("scheme: tcp\nport: '1:2'\n"), "field 'defaults.scheme': unknown field"),
+    ("proxy_protocol: {mode: required}\n" + route("scheme: tcp\nport: '1:2'\n"),
+     "field 'proxy_protocol.trusted_proxies': mode required needs at least one trusted proxy"),
+    ("proxy_protocol: {mode: sometimes, trusted_proxies: [10.0.0.0/8]}\n" + route("scheme: tcp\nport: '1:2'\n"),
+     "field 'proxy_protocol.mode': expected one of disabled, required, mixed, optional, found 'sometimes'"),
+    ("proxy_protocol: {mode: mixed, trusted_proxies: [10.0.0.0/8, 10.0.0.1/8]}\n" + route("scheme: tcp\nport: '1:2'\n"),
+     "field 'proxy_protocol.trusted_proxies[1]': expected an IP address or a CIDR block"),
+    ("entrypoint: {proxy_protocol: {mode: mixed, trusted_proxies: [nope]}}\n" + route("scheme: tcp\nport: '1:2'\n"),
+     "field 'entrypoint.proxy_protocol.trusted_proxies[0]'"),
+    (route("scheme: tcp\nport: '1:2'\nproxy_protocol: {mode: optional, trusted: [1.2.3.4]}\n"),
+     "route 'ssh': field 'proxy_protocol.trusted': unknown field"),
+    (route("scheme: udp\nport: '1:2'\nrelay_proxy_protocol_header: true\n"),
+     "route 'ssh': field 'relay_proxy_protocol_header': only supported for tcp routes, not udp"),
+    (route("scheme: udp4\nport: '1:2'\nproxy_protocol: {mode: disabled}\n"),
+     "route 'ssh': field 'proxy_protocol': only supported for tcp routes, not udp4"),
+    (route("scheme: tcp\nport: '1:2'\nproxy_protocol_version: 3\n"), "field 'proxy_protocol_version': expected one of 1, 2, found 3"),
+    (route("scheme: tcp\nport: '1:2'\nrelay_proxy_protocol_header: yes please\n"), "expected true or false"),
     (
         "routes:\n  a: {scheme: tcp4, bind: 127.0.0.1, port: '7000:22'}\n  b: {scheme: tcp4, port: '7000:23'}\n",
         "route 'b': field 'port': tcp 0.0.0.0:7000 clashes with route 'a' listening on 127.0.0.1:7000",
@@ -108,6 +124,24 @@ def test_errors(text: str, message: str) -> None:
         parse_config(text, "routes.yml")
     assert str(caught.value).startswith("routes.yml: ")
     assert message in str(caught.value)
+
+
+def test_proxy_protocol_blocks() -> None:
+    config = parse_config(
+        "entrypoint: {proxy_protocol: {mode: required, trusted_proxies: [10.0.0.0/8, 127.0.0.1, '::1']}}\n"
+        "routes:\n"
+        "  a: {scheme: tcp, port: ':1', relay_proxy_protocol_header: true, proxy_protocol_version: 1}\n"
+        "  b: {scheme: tcp, port: ':1', proxy_protocol: {mode: optional, trusted_proxies: [192.0.2.7], timeout: 5s}}\n"
+        "  c: {scheme: udp, port: ':1'}\n",
+    )
+    a, b, c = config.routes
+    assert a.proxy_protocol.mode == "required" and a.proxy_protocol.timeout == 3.0
+    assert a.proxy_protocol.trusts("::ffff:10.1.2.3") and a.proxy_protocol.trusts("::1")
+    assert not a.proxy_protocol.trusts("192.0.2.7")
+    assert (b.proxy_protocol.mode, b.proxy_protocol.timeout, b.proxy_protocol.detect_timeout) == ("optional", 5.0, 0.3)
+    assert b.proxy_protocol.trusts("192.0.2.7") and not b.proxy_protocol.trusts("10.0.0.1")
+    assert (a.relay_proxy_protocol_header, a.proxy_protocol_version, b.proxy_protocol_version) == (True, 1, 2)
+    assert c.proxy_protocol.mode == "disabled"
 
 
 def test_no_clash_across_protocols_or_family_specific_binds() -> None:
@@ -165,10 +199,3 @@ def test_bind_failure_names_route_and_address(tmp_path) -> None:
     assert result.returncode != 0
     assert f"route 'second': cannot listen on tcp 127.0.0.1:{port}" in output
     assert "Traceback" not in output
-
-
-def test_udp_refused_until_supported(tmp_path) -> None:
-    path = write_config(tmp_path, route("scheme: udp4\nbind: 127.0.0.1\nport: ':53'\n"))
-    result = run_twistd(path)
-    assert result.returncode != 0
-    assert "route 'ssh': udp4 routes are not relayed yet" in result.stderr

@@ -1,0 +1,194 @@
+"""
+Inbound PROXY headers: a wrapping factory that reads, checks or rules out a
+header before the route's own protocol sees the connection.
+
+Unlike C{twisted.protocols.haproxy}, the wrapped protocol is only built once
+the header question is settled, so its C{connectionMade} already sees the
+real client in C{getPeer()}; headers are only believed from trusted peers,
+must arrive within a deadline, and a peer that sends nothing is not stalled
+forever where a header is optional.  Once settled the wrapper steps out of
+the data path (the transport delivers straight to the wrapped protocol,
+half-close included) and stays only as that protocol's transport, answering
+C{getPeer}/C{getHost} with the addresses from the header.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.protocols.policies import ProtocolWrapper
+from zope.interface import directlyProvides, implementer, providedBy
+
+from ..config import ProxyProtocolConfig
+from ..events import RouteEvents
+from .exceptions import InvalidProxyHeader
+from .info import ProxyInfo
+from .parser import Detection, detect, parse
+
+__all__ = ["Expect", "ProxyHeaderFactory", "ProxyHeaderProtocol", "expectation"]
+
+
+class Expect(Enum):
+    """What a peer may send first, given the mode and whether it is trusted."""
+
+    HEADER = "header"  # it must send a valid header
+    MAYBE = "maybe"  # a header is parsed if present
+    NO_HEADER = "no header"  # a header would be a spoofing attempt
+    NOTHING = "nothing"  # it may not connect at all
+
+
+def expectation(config: ProxyProtocolConfig, peer_host: str) -> Expect:
+    """GoDoxy's C{required} and C{mixed}, GOST's C{optional}."""
+    trusted = config.trusts(peer_host)
+    if config.mode == "required":
+        return Expect.HEADER if trusted else Expect.NOTHING
+    if config.mode == "mixed":
+        return Expect.HEADER if trusted else Expect.NO_HEADER
+    return Expect.MAYBE if trusted else Expect.NO_HEADER
+
+
+def _address(endpoint: tuple[str, int]) -> IPv4Address | IPv6Address:
+    host, port = endpoint
+    return IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)
+
+
+@implementer(IHalfCloseableProtocol)
+class ProxyHeaderProtocol(ProtocolWrapper):
+    """Settles the header question for one connection, then steps aside."""
+
+    factory: ProxyHeaderFactory
+
+    def __init__(self, factory: ProxyHeaderFactory) -> None:
+        super().__init__(factory, None)  # type: ignore[arg-type]
+        self.received = b""
+        self.expect = Expect.HEADER
+        self.info: ProxyInfo | None = None
+        self.timer: IDelayedCall | None = None
+        self.peer = ""
+
+    def logPrefix(self) -> str:
+        return "ProxyHeader"
+
+    def makeConnection(self, transport: Any) -> None:
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+
+    def connectionMade(self) -> None:
+        config = self.factory.config
+        peer = self.transport.getPeer()
+        self.peer = f"[{peer.host}]:{peer.port}" if ":" in peer.host else f"{peer.host}:{peer.port}"
+        self.expect = expectation(config, peer.host)
+        if self.expect is Expect.NOTHING:
+            self.reject("untrusted peer: mode required accepts only trusted_proxies")
+            return
+        self.factory.pending.add(self)
+        wait = config.timeout if self.expect is Expect.HEADER else config.detect_timeout
+        self.timer = self.factory.reactor.callLater(wait, self.timed_out)
+
+    # -- deciding
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.expect is not Expect.HEADER:
+            if not self.received and self.timer is not None:
+                self.timer.reset(self.factory.config.timeout)  # a first byte: no longer silent
+            self.received += data
+            detection = detect(self.received)
+            if detection is Detection.NO_HEADER:
+                self.settle()
+                return
+            if detection is Detection.UNDECIDED:
+                return
+            if self.expect is Expect.NO_HEADER:
+                self.reject("PROXY header from an untrusted peer (spoofing attempt)")
+                return
+            self.expect = Expect.HEADER
+        else:
+            self.received += data
+        try:
+            parsed = parse(self.received)
+        except InvalidProxyHeader as e:
+            self.reject(f"invalid PROXY header: {e}")
+            return
+        if parsed is not None:
+            self.settle(*parsed)
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if self.expect is Expect.HEADER:
+            self.reject("PROXY header timeout")
+        else:
+            self.settle()  # silence, or bytes that never became a header
+
+    def readConnectionLost(self) -> None:
+        if self.expect is Expect.HEADER:
+            self.reject("closed before the PROXY header was complete")
+        else:
+            self.settle(eof=True)
+
+    def connectionLost(self, reason: Any) -> None:
+        """Only reached before the header question is settled."""
+        self.stop_waiting()
+
+    def stop_waiting(self) -> None:
+        self.factory.pending.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def reject(self, reason: str) -> None:
+        self.stop_waiting()
+        self.factory.events.warn("rejected", client=self.peer, reason=reason)
+        self.transport.abortConnection()
+
+    def settle(self, info: ProxyInfo | None = None, length: int = 0, eof: bool = False) -> None:
+        """Hand the connection, minus the header, to the wrapped protocol."""
+        self.stop_waiting()
+        if info is not None and info.source is not None:
+            self.info = info
+        payload, self.received = self.received[length:], b""
+        inner = self.factory.wrapped.buildProtocol(self.getPeer())
+        self.wrappedProtocol = inner
+        self.transport.protocol = inner  # out of the data path from now on
+        inner.makeConnection(self)
+        if payload:
+            inner.dataReceived(payload)
+        if eof:
+            IHalfCloseableProtocol(inner).readConnectionLost()
+
+    # -- the transport the wrapped protocol sees
+
+    def getPeer(self) -> Any:
+        if self.info is not None:
+            return _address(self.info.source)  # type: ignore[arg-type]
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        if self.info is not None and self.info.destination is not None:
+            return _address(self.info.destination)
+        return self.transport.getHost()
+
+
+class ProxyHeaderFactory(ServerFactory):
+    """Wraps a route's server factory with the inbound PROXY header policy."""
+
+    noisy = False
+
+    def __init__(self, wrapped: Factory, config: ProxyProtocolConfig, events: RouteEvents, reactor: Any) -> None:
+        self.wrapped = wrapped
+        self.config = config
+        self.events = events
+        self.reactor = reactor
+        self.pending: set[ProxyHeaderProtocol] = set()
+
+    def buildProtocol(self, addr: Any) -> ProxyHeaderProtocol:
+        return ProxyHeaderProtocol(self)
+
+    def close_pending(self) -> None:
+        """Drop connections still waiting for their header (shutdown)."""
+        for protocol in list(self.pending):
+            protocol.stop_waiting()
+            protocol.transport.abortConnection()
