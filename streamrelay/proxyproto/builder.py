@@ -89,7 +89,8 @@ def build_v2(
     else:
         (source_host, source_port), (destination_host, destination_port) = addresses
         family = _FAMILY_BYTES[(transport, _ADDRESS_SIZES[source_host.version])]
-        address_block = source_host.packed + destination_host.packed + struct.pack("!HH", source_port, destination_port)
+        ports = struct.pack("!HH", source_port, destination_port)
+        address_block = source_host.packed + destination_host.packed + ports
 
     extensions = [_tlv(kind, value) for kind, value in tlvs]
     if crc32c:
@@ -105,7 +106,9 @@ def build_v2(
     return header
 
 
-def unify_families(source: Endpoint | None, destination: Endpoint | None) -> tuple[Endpoint | None, Endpoint | None]:
+def unify_families(
+    source: Endpoint | None, destination: Endpoint | None
+) -> tuple[Endpoint | None, Endpoint | None]:
     """
     Give both addresses the same IP version, as a PROXY header requires.
 

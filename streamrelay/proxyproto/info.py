@@ -8,7 +8,15 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["PP2_TYPE_CRC32C", "PP2_TYPE_NOOP", "PP2_TYPE_UNIQUE_ID", "Command", "ProxyInfo", "Transport", "canonical_host"]
+__all__ = [
+    "PP2_TYPE_CRC32C",
+    "PP2_TYPE_NOOP",
+    "PP2_TYPE_UNIQUE_ID",
+    "Command",
+    "ProxyInfo",
+    "Transport",
+    "canonical_host",
+]
 
 #: TLV types from section 2.2 of the spec that this package gives meaning to.
 PP2_TYPE_CRC32C = 0x03

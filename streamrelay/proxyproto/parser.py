@@ -247,7 +247,9 @@ def _parse_v2(data: bytes, allow_udp: bool) -> tuple[ProxyInfo, int] | None:
     if total > MAX_V2_LENGTH:
         raise InvalidProxyHeader(f"v2: declared length {length} exceeds {MAX_V2_LENGTH - V2_FIXED_LENGTH}")
     if length < address_size:
-        raise InvalidProxyHeader(f"v2: declared length {length} is shorter than the {address_size}-byte address block")
+        raise InvalidProxyHeader(
+            f"v2: declared length {length} is shorter than the {address_size}-byte address block"
+        )
     if len(data) < total:
         return None
 
