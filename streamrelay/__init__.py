@@ -11,6 +11,17 @@ The public API, for C{.tac} files and programs that embed the relay::
 """
 
 from .config import Config, ConfigError, RouteConfig, load_config, parse_config
+from .hooks import ConnectionContext, Hooks, Refused
 from .service import make_service
 
-__all__ = ["Config", "ConfigError", "RouteConfig", "load_config", "make_service", "parse_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ConnectionContext",
+    "Hooks",
+    "Refused",
+    "RouteConfig",
+    "load_config",
+    "make_service",
+    "parse_config",
+]

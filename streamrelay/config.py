@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping, Union
 
 import yaml
 
+from .acl import AccessList, AclError
+
 __all__ = ["Config", "ConfigError", "RouteConfig", "load_config", "parse_config"]
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -244,6 +246,9 @@ class RouteConfig:
     relay_proxy_protocol_header: bool = False
     proxy_protocol_version: int = 2
     proxy_protocol_unique_id: bool = False
+    acl: AccessList = AccessList.allow_all()
+    max_connections: int = 0
+    max_connections_per_client: int = 0
     udp_idle_timeout: float = 300.0
     udp_cleanup_interval: float = 60.0
     max_udp_sessions: int = 4096
@@ -304,13 +309,15 @@ TUNABLES: Mapping[str, _Tunable] = {
     "relay_proxy_protocol_header": _Tunable(_boolean, _TCP),
     "proxy_protocol_version": _Tunable(_choice(1, 2), _TCP),
     "proxy_protocol_unique_id": _Tunable(_boolean, _TCP),
+    "max_connections": _Tunable(_integer(0, 10_000_000), _TCP),
+    "max_connections_per_client": _Tunable(_integer(0, 10_000_000), _TCP),
     "udp_idle_timeout": _Tunable(_positive_duration, _UDP),
     "udp_cleanup_interval": _Tunable(_positive_duration, _UDP),
     "max_udp_sessions": _Tunable(_integer(1, 1 << 20), _UDP),
 }
 
-_ROUTE_ONLY = ("scheme", "bind", "host", "port", "proxy_protocol")
-_TOP_LEVEL = ("defaults", "routes", "shutdown_timeout", "proxy_protocol", "entrypoint")
+_ROUTE_ONLY = ("scheme", "bind", "host", "port", "proxy_protocol", "acl")
+_TOP_LEVEL = ("defaults", "routes", "shutdown_timeout", "proxy_protocol", "entrypoint", "acl")
 _PROXY_FIELDS = ("mode", "trusted_proxies", "timeout", "detect_timeout")
 
 
@@ -379,6 +386,7 @@ class _Parser:
         top = self.mapping(None, "", document, _TOP_LEVEL)
         defaults = self.defaults(top.get("defaults", {}))
         defaults["proxy_protocol"] = self.top_proxy_protocol(top)
+        defaults["acl"] = self.acl(None, top.get("acl"))
         routes_raw = top.get("routes")
         if not isinstance(routes_raw, dict) or not routes_raw:
             raise self.fail(None, "routes", f"expected a mapping of route names to routes, found {routes_raw!r}")
@@ -413,6 +421,13 @@ class _Parser:
         if "proxy_protocol" in top:
             return self.proxy_protocol(None, "proxy_protocol", top["proxy_protocol"])
         return ProxyProtocolConfig()
+
+    def acl(self, route: str | None, raw: object) -> AccessList:
+        try:
+            return AccessList.from_config(raw)
+        except AclError as e:
+            field_path, _, message = str(e).partition(": ")
+            return self._raise(route, field_path, message)
 
     def proxy_protocol(self, route: str | None, name: str, raw: object) -> ProxyProtocolConfig:
         self.mapping(route, name, raw, _PROXY_FIELDS)
@@ -462,6 +477,7 @@ class _Parser:
             if protocol != "tcp":
                 self._raise(name, "proxy_protocol", f"only supported for tcp routes, not {scheme}")
             settings["proxy_protocol"] = self.proxy_protocol(name, "proxy_protocol", raw["proxy_protocol"])
+        settings["acl"] = self.acl(name, raw["acl"]) if "acl" in raw else defaults["acl"]
         for key, tunable in TUNABLES.items():
             if key in raw:
                 if protocol not in tunable.protocols:

@@ -36,6 +36,10 @@ FORMATS = {
         "route {route}: #{conn} {client} closed ({reason}) after {duration:.3f}s,"
         " {bytes_up} bytes up, {bytes_down} bytes down"
     ),
+    "denied": "route {route}: denied {client} by {rule} ({suppressed} more not logged)",
+    "limited": "route {route}: #{conn} refused {client}: {reason} ({suppressed} more not logged)",
+    "refused": "route {route}: #{conn} refused {client}: {reason} ({suppressed} more not logged)",
+    "hook-failed": "route {route}: #{conn} {client}: {hook} hook raised {reason}; disabled for this connection",
     "rejected": "route {route}: rejected {client}: {reason}",
     "abort": "route {route}: #{conn} {client} aborted: {reason}",
     "session-open": "route {route}: {client} session to {dst} opened from {via}",
@@ -102,3 +106,26 @@ class RouteEvents:
 
     def warn(self, action: str, **fields: Any) -> None:
         self.emit(LogLevel.warn, action, **fields)
+
+
+class Throttle:
+    """
+    Lets an event through at most once per C{period} seconds, so a flood of
+    refused connections cannot flood the log; counts what it holds back.
+    """
+
+    def __init__(self, reactor: Any, period: float = 1.0) -> None:
+        self.reactor = reactor
+        self.period = period
+        self.next_time = 0.0
+        self.suppressed = 0
+
+    def allow(self) -> int | None:
+        """C{None} to stay quiet, else how many events were held back before this one."""
+        now = self.reactor.seconds()
+        if now < self.next_time:
+            self.suppressed += 1
+            return None
+        self.next_time = now + self.period
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed

@@ -13,7 +13,7 @@ nothing to flush and are closed at once.
 from __future__ import annotations
 
 import resource
-from typing import Any
+from typing import Any, Mapping
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -25,6 +25,7 @@ from twisted.logger import LogLevel
 from . import events
 from .config import Config, RouteConfig, join_host_port
 from .events import RouteEvents
+from .hooks import NO_HOOKS, Hooks, hooks_for
 from .proxyproto.wrapper import ProxyHeaderFactory
 from .tcp import RelayFactory
 from .udp import MAX_DATAGRAM, DatagramRelay
@@ -91,15 +92,37 @@ class _ListeningService(Service):
 class RouteService(_ListeningService):
     """A TCP route: its listening port and the pairs it relays."""
 
-    def __init__(self, route: RouteConfig, shutdown_timeout: float, reactor: Any) -> None:
+    def __init__(self, route: RouteConfig, shutdown_timeout: float, reactor: Any, hooks: Hooks = NO_HOOKS) -> None:
         super().__init__(route, reactor)
         self.shutdown_timeout = shutdown_timeout
-        self.factory = RelayFactory(route, self.events, reactor)
+        self.factory = RelayFactory(route, self.events, reactor, hooks)
         self.header_factory: ProxyHeaderFactory | None = None
         self.listening_factory: ServerFactory = self.factory
         if route.proxy_protocol.mode != "disabled":
             self.header_factory = ProxyHeaderFactory(self.factory, route.proxy_protocol, self.events, reactor)
             self.listening_factory = self.header_factory
+        self.accepting_paused = False
+        if route.max_connections:
+            self.factory.changed = self.connections_changed
+            if self.header_factory is not None:
+                self.header_factory.changed = self.connections_changed
+
+    def connections_changed(self) -> None:
+        """
+        Stop accepting at C{max_connections} and resume below it, so the
+        kernel's backlog holds newcomers instead of accepting and dropping.
+        """
+        open_now = len(self.factory.pairs)
+        if self.header_factory is not None:
+            open_now += len(self.header_factory.pending)
+        full = open_now >= self.route.max_connections
+        if self.port is None or full == self.accepting_paused:
+            return
+        self.accepting_paused = full
+        if full:
+            self.port.stopReading()  # type: ignore[attr-defined]
+        else:
+            self.port.startReading()  # type: ignore[attr-defined]
 
     def listen(self) -> IListeningPort:
         route = self.route
@@ -163,7 +186,8 @@ class UDPRouteService(_ListeningService):
             waiting.append(port.stopListening())
             relay = self.relay
             self.events.info(
-                "stop", sessions=relay.opened, refused=relay.refused, unreachable=relay.unreachable
+                "stop", sessions=relay.opened, refused=relay.refused, denied=relay.denied,
+                unreachable=relay.unreachable,
             )
         waiting += self.relay.close_all("shutdown")
         return DeferredList([d for d in waiting if d is not None])
@@ -172,13 +196,13 @@ class UDPRouteService(_ListeningService):
 class RelayService(MultiService):
     """Every route of one configuration."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, hooks: Mapping[str, Hooks] | None = None) -> None:
         super().__init__()
         self.config = config
         for route in config.routes:
             service: _ListeningService
             if route.protocol == "tcp":
-                service = RouteService(route, config.shutdown_timeout, reactor)
+                service = RouteService(route, config.shutdown_timeout, reactor, hooks_for(hooks, route.name))
             else:
                 service = UDPRouteService(route, reactor)
             service.setServiceParent(self)
@@ -207,14 +231,14 @@ def raise_descriptor_limit() -> None:
         events.emit(LogLevel.info, "fd-limit", old=soft, new=hard)
 
 
-def make_service(config: Config, reactor: Any = None) -> RelayService:
+def make_service(config: Config, hooks: Mapping[str, Hooks] | None = None, reactor: Any = None) -> RelayService:
     """
     The service for every route of C{config}, ready to be given a parent
     (a twistd application, a C{.tac} file's application, or any
-    C{MultiService}).
+    C{MultiService}).  C{hooks} maps route names (or C{"*"}) to L{Hooks}.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return RelayService(config, reactor)
+    return RelayService(config, reactor, hooks)

@@ -5,12 +5,12 @@ Each accepted connection becomes a L{Pair}: the client's L{Side}, and once
 the target is dialed, the target's.  A pair's life is an explicit state
 machine::
 
-    DIALING ──connected──> RELAYING ──one side's FIN──> HALF_CLOSED ──other FIN──┐
-       │                      │                            │                      │
-       └── dial failed, ──────┴── reset, close, timeout, ──┴──────────────────────┴─> CLOSED
-           client gone            shutdown
+    CHECKING ──admitted──> DIALING ──connected──> RELAYING ──one side's FIN──> HALF_CLOSED ──other FIN──┐
+       │                      │                      │                            │                      │
+       └── denied, ───────────┴── dial failed, ──────┴── reset, close, timeout, ──┴──────────────────────┴─> CLOSED
+           refused                client gone            shutdown
 
-While DIALING, what the client sends is held (up to L{HOLD_LIMIT}, then the
+Until RELAYING, what the client sends is held (up to L{HOLD_LIMIT}, then the
 client is paused) and written first, in order, once the target connects.
 While relaying, each transport is the streaming producer of the other, so a
 full write buffer on one side stops reading on the other: memory stays
@@ -23,18 +23,19 @@ from __future__ import annotations
 import itertools
 import os
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .config import RouteConfig, join_host_port
 from .dial import Dial, resolve
-from .events import RouteEvents
+from .events import RouteEvents, Throttle
+from .hooks import NO_HOOKS, ConnectionContext, Hooks
 from .proxyproto import PP2_TYPE_UNIQUE_ID, build_v1, build_v2, unify_families
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ _RUN_ID = os.urandom(4).hex()
 
 
 class State(Enum):
+    CHECKING = "checking"  # access control, limits and the pre_dial hook
     DIALING = "dialing"
     RELAYING = "relaying"
     HALF_CLOSED = "half-closed"
@@ -119,14 +121,34 @@ class Side(Protocol):
             self.transport.abortConnection()
 
 
+class ObservedSide(Side):
+    """A side whose reads are also reported to an C{on_read} hook."""
+
+    def __init__(self, pair: Pair, name: str) -> None:
+        super().__init__(pair, name)
+        self.direction = "up" if name == "client" else "down"
+        self.observing = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.observing:
+            try:
+                self.pair.factory.hooks.on_read(self.pair.context, len(data), self.direction)
+            except Exception as e:
+                self.observing = False
+                self.pair.factory.events.warn(
+                    "hook-failed", conn=self.pair.id, client=self.pair.peer, hook="on_read", reason=repr(e)
+                )
+        super().dataReceived(data)
+
+
 class Pair:
     """The life of one relayed connection, from accept to close."""
 
     def __init__(self, factory: RelayFactory) -> None:
         self.factory = factory
         self.id = next(_connection_ids)
-        self.state = State.DIALING
-        self.client = Side(self, "client")
+        self.state = State.CHECKING
+        self.client = factory.side_class(self, "client")
         self.target: Side | None = None
         self.dial: Dial | None = None
         self.held: list[bytes] = []
@@ -139,6 +161,10 @@ class Pair:
         self.unique_id: str | None = None
         self.closing = False
         self.peer = ""
+        self.client_host = ""
+        self.counted_client = False
+        self.logged = False
+        self.context: ConnectionContext | None = None
         self.started = factory.reactor.seconds()
         self.done: Deferred[None] = Deferred()
 
@@ -151,8 +177,54 @@ class Pair:
             self.connected(side)
 
     def accepted(self) -> None:
-        self.peer = describe(self.client.transport.getPeer())
-        self.factory.events.debug("accept", conn=self.id, client=self.peer)
+        """Check the real client against the ACL, the limits and C{pre_dial}."""
+        factory = self.factory
+        peer = self.client.transport.getPeer()
+        self.peer = describe(peer)
+        self.client_host = peer.host
+        factory.events.debug("accept", conn=self.id, client=self.peer)
+        if not factory.route.acl.permits_everything:
+            decision = factory.route.acl.check(peer.host)
+            if not decision.allowed:
+                self.refuse("denied", rule=decision.rule)
+                return
+        if not factory.admit_client(self):
+            self.refuse("limited", reason="max_connections_per_client reached")
+            return
+        pre_dial = factory.hooks.pre_dial
+        if factory.hooks.on_read is not None or pre_dial is not None:
+            host = self.client.transport.getHost()
+            route = factory.route
+            self.context = ConnectionContext(
+                route.name, self.id, (peer.host, peer.port), (host.host, host.port), (route.host, route.target_port)
+            )
+        if pre_dial is None:
+            self.start_resolve()
+            return
+        # maybeDeferred turns a raise into a failure and awaits coroutines.
+        maybeDeferred(pre_dial, self.context).addCallbacks(self.pre_dial_done, self.pre_dial_failed)
+
+    def pre_dial_done(self, allowed: object) -> None:
+        if self.state is not State.CHECKING:
+            return
+        if allowed is False:
+            self.refuse("refused", reason="pre_dial refused")
+        else:
+            self.start_resolve()
+
+    def pre_dial_failed(self, reason: Failure) -> None:
+        if self.state is State.CHECKING:
+            self.refuse("refused", reason=f"pre_dial failed: {reason.getErrorMessage() or reason.type.__name__}")
+
+    def refuse(self, action: str, **fields: str) -> None:
+        """Close a client that may not be relayed; logged (rate-limited) by the factory."""
+        self.reason = action
+        self.logged = True
+        self.factory.log_refusal(action, self, fields)
+        self.client.abort()
+
+    def start_resolve(self) -> None:
+        self.state = State.DIALING
         route = self.factory.route
         resolve(self.factory.reactor, route.host, route.family).addCallbacks(
             self.start_dial, self.dial_failed
@@ -164,7 +236,7 @@ class Pair:
         route = self.factory.route
         self.dial = Dial(
             self.factory.reactor, addresses, route.target_port, route.connect_timeout,
-            route.retries, lambda: Side(self, "target"), self.dial_failed,
+            route.retries, lambda: self.factory.side_class(self, "target"), self.dial_failed,
         )
         self.dial.start()
 
@@ -226,7 +298,7 @@ class Pair:
 
     def read_finished(self, side: Side) -> None:
         """C{side} sent a FIN: pass it on, and close once both have."""
-        if self.state is State.DIALING:
+        if self.target is None:
             return  # passed on when the target connects
         other = self.target if side is self.client else self.client
         assert other is not None
@@ -244,7 +316,7 @@ class Pair:
         if not self.reason:
             how = "closed" if reason.check(ConnectionDone) else "reset"
             self.reason = f"{side.name} {how}"
-        if self.state is State.DIALING:
+        if self.target is None:
             self.state = State.CLOSED
             if self.dial is not None:
                 self.dial.cancel()
@@ -310,12 +382,13 @@ class Pair:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        target_bytes = self.target.received if self.target is not None else 0
-        self.factory.events.info(
-            "closed", conn=self.id, client=self.peer, reason=self.reason,
-            duration=self.factory.reactor.seconds() - self.started,
-            bytes_up=self.client.received, bytes_down=target_bytes, unique_id=self.unique_id,
-        )
+        if not self.logged:  # refusals have their own rate-limited event
+            target_bytes = self.target.received if self.target is not None else 0
+            self.factory.events.info(
+                "closed", conn=self.id, client=self.peer, reason=self.reason,
+                duration=self.factory.reactor.seconds() - self.started,
+                bytes_up=self.client.received, bytes_down=target_bytes, unique_id=self.unique_id,
+            )
         self.factory.pair_closed(self)
         self.done.callback(None)
 
@@ -325,16 +398,51 @@ class RelayFactory(ServerFactory):
 
     noisy = False
 
-    def __init__(self, route: RouteConfig, events: RouteEvents, reactor) -> None:
+    def __init__(self, route: RouteConfig, events: RouteEvents, reactor, hooks: Hooks = NO_HOOKS) -> None:
         self.route = route
         self.events = events
         self.reactor = reactor
+        self.hooks = hooks
+        self.side_class = Side if hooks.on_read is None else ObservedSide
         self.pairs: set[Pair] = set()
+        self.per_client: dict[str, int] = {}
+        self.refusals = {"denied": 0, "limited": 0, "refused": 0}
+        self.refusal_log = Throttle(reactor)
+        #: Called whenever the number of open pairs changes (connection limits).
+        self.changed: Callable[[], None] = _nothing
 
     def buildProtocol(self, addr: IAddress) -> Side:
         pair = Pair(self)
         self.pairs.add(pair)
+        self.changed()
         return pair.client
+
+    def admit_client(self, pair: Pair) -> bool:
+        """Count the pair against C{max_connections_per_client}, if it fits."""
+        limit = self.route.max_connections_per_client
+        if not limit:
+            return True
+        count = self.per_client.get(pair.client_host, 0)
+        if count >= limit:
+            return False
+        self.per_client[pair.client_host] = count + 1
+        pair.counted_client = True
+        return True
+
+    def log_refusal(self, action: str, pair: Pair, fields: dict[str, str]) -> None:
+        self.refusals[action] += 1
+        suppressed = self.refusal_log.allow()
+        if suppressed is not None:
+            self.events.warn(action, conn=pair.id, client=pair.peer, suppressed=suppressed, **fields)
 
     def pair_closed(self, pair: Pair) -> None:
         self.pairs.discard(pair)
+        if pair.counted_client:
+            count = self.per_client.pop(pair.client_host) - 1
+            if count:
+                self.per_client[pair.client_host] = count
+        self.changed()
+
+
+def _nothing() -> None:
+    pass

@@ -52,6 +52,17 @@ class HeaderTarget(Target):
             await writer.drain()
 
 
+def reset_after_sending(port: int, data: bytes) -> bool:
+    """Whether the relay resets a connection from CLIENT that sends C{data} (at any point)."""
+    try:
+        with connect_from(CLIENT, port) as sock:
+            sock.sendall(data)
+            recv_all(sock)
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    return False
+
+
 def route(target_port: int, name: str = "pp", **fields: object) -> str:
     extra = "".join(f"    {k}: {v}\n" for k, v in fields.items())
     return f"  {name}:\n    scheme: tcp4\n    bind: 127.0.0.1\n    host: 127.0.0.1\n    port: ':{target_port}'\n{extra}"
@@ -150,10 +161,7 @@ def test_untrusted_peers_are_never_believed(tmp_path: Path, mode: str) -> None:
         text = "routes:\n" + route(target.port, proxy_protocol=INBOUND % mode)
         with Relay(write_config(tmp_path, text)) as relay:
             for header in (build_v1(("10.9.9.9", 1), ("10.0.0.1", 2)), build_v2(("10.9.9.9", 1), ("10.0.0.1", 2))):
-                with connect_from(CLIENT, relay.ports["pp"]) as sock:
-                    sock.sendall(header + b"data")
-                    with pytest.raises(ConnectionResetError):
-                        recv_all(sock)
+                assert reset_after_sending(relay.ports["pp"], header + b"data")
             rejected = relay.wait_for("rejected", count=2)
             assert all(e["client"].startswith(CLIENT) for e in rejected)
             assert target.accepted == 0

@@ -15,7 +15,7 @@ C{getPeer}/C{getHost} with the addresses from the header.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
@@ -86,6 +86,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             self.reject("untrusted peer: mode required accepts only trusted_proxies")
             return
         self.factory.pending.add(self)
+        self.factory.changed()
         wait = config.timeout if self.expect is Expect.HEADER else config.detect_timeout
         self.timer = self.factory.reactor.callLater(wait, self.timed_out)
 
@@ -134,7 +135,9 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self.stop_waiting()
 
     def stop_waiting(self) -> None:
-        self.factory.pending.discard(self)
+        if self in self.factory.pending:
+            self.factory.pending.discard(self)
+            self.factory.changed()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -183,6 +186,8 @@ class ProxyHeaderFactory(ServerFactory):
         self.events = events
         self.reactor = reactor
         self.pending: set[ProxyHeaderProtocol] = set()
+        #: Called whenever C{pending} changes (connection limits).
+        self.changed: Callable[[], None] = lambda: None
 
     def buildProtocol(self, addr: Any) -> ProxyHeaderProtocol:
         return ProxyHeaderProtocol(self)

@@ -1,0 +1,142 @@
+"""
+Access control and connection limits end to end (real twistd processes).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from streamrelay.proxyproto import build_v2
+from tests.harness import Relay, Target, poll, recv_all, recv_exactly, write_config
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(source, 0))
+
+
+def route(target_port: int, name: str = "r", **fields: object) -> str:
+    extra = "".join(f"    {k}: {v}\n" for k, v in fields.items())
+    return f"  {name}:\n    scheme: tcp4\n    bind: 127.0.0.1\n    host: 127.0.0.1\n    port: ':{target_port}'\n{extra}"
+
+
+def echoes(sock: socket.socket) -> bool:
+    sock.sendall(b"ping")
+    return recv_exactly(sock, 4) == b"ping"
+
+
+def refused(sock: socket.socket) -> bool:
+    try:
+        return recv_all(sock) == b""
+    except ConnectionResetError:
+        return True
+
+
+def refused_from(source: str, port: int) -> bool:
+    """Connect and wait for the close; a reset may even beat connect() back."""
+    try:
+        sock = connect_from(source, port)
+    except ConnectionResetError:
+        return True
+    with sock:
+        return refused(sock)
+
+
+def test_route_acl_replaces_the_top_level_one(tmp_path: Path) -> None:
+    with Target() as target:
+        text = (
+            'acl: {default: deny, allow_local: false, allow: ["ip:127.0.0.3"]}\n'
+            "routes:\n"
+            + route(target.port, "top")
+            + route(target.port, "own", acl='{default: deny, allow_local: false, allow: ["cidr:127.0.0.2/32"]}')
+        )
+        with Relay(write_config(tmp_path, text)) as relay:
+            with connect_from("127.0.0.2", relay.ports["own"]) as sock:
+                assert echoes(sock)
+            with connect_from("127.0.0.3", relay.ports["top"]) as sock:
+                assert echoes(sock)
+            accepted_before = target.accepted
+            assert refused_from("127.0.0.3", relay.ports["own"])
+            assert refused_from("127.0.0.2", relay.ports["top"])
+            denied = relay.wait_for("denied", count=1)
+            assert denied[0]["rule"] == "default deny" and denied[0]["client"].startswith("127.0.0.3:")
+            assert target.accepted == accepted_before
+
+
+def test_allow_local_admits_loopback_despite_deny_rules(tmp_path: Path) -> None:
+    with Target() as target:
+        text = 'acl: {deny: ["cidr:127.0.0.0/8"]}\nroutes:\n' + route(target.port)
+        with Relay(write_config(tmp_path, text)) as relay, connect_from("127.0.0.2", relay.ports["r"]) as sock:
+            assert echoes(sock)
+
+
+def test_acl_checks_the_address_from_the_proxy_header(tmp_path: Path) -> None:
+    with Target() as target:
+        text = (
+            "proxy_protocol: {mode: required, trusted_proxies: [127.0.0.1]}\n"
+            'acl: {deny: ["cidr:198.51.100.0/24"]}\nroutes:\n' + route(target.port)
+        )
+        with Relay(write_config(tmp_path, text)) as relay:
+            with socket.create_connection(("127.0.0.1", relay.ports["r"])) as sock:
+                sock.sendall(build_v2(("198.51.100.7", 1000), ("192.0.2.1", 22)) + b"x")
+                assert refused(sock)
+            denied = relay.wait_for("denied")[0]
+            assert denied["client"] == "198.51.100.7:1000" and denied["rule"] == "deny cidr:198.51.100.0/24"
+            assert target.accepted == 0
+            with socket.create_connection(("127.0.0.1", relay.ports["r"])) as sock:
+                sock.sendall(build_v2(("203.0.113.5", 1000), ("192.0.2.1", 22)))
+                assert echoes(sock)
+
+
+def test_max_connections_holds_newcomers_in_the_backlog(tmp_path: Path) -> None:
+    with Target() as target:
+        text = "routes:\n" + route(target.port, max_connections=3)
+        with Relay(write_config(tmp_path, text), "--log-level", "debug") as relay:
+            first = [socket.create_connection(("127.0.0.1", relay.ports["r"]), timeout=15) for _ in range(3)]
+            for sock in first:
+                assert echoes(sock)
+            fourth = socket.create_connection(("127.0.0.1", relay.ports["r"]), timeout=15)
+            fourth.sendall(b"wait")
+            fourth.settimeout(0.5)
+            with pytest.raises(socket.timeout):
+                fourth.recv(4)  # connected in the kernel's backlog, never accepted
+            assert len(relay.actions("accept")) == 3 and target.accepted == 3
+            first.pop().close()
+            fourth.settimeout(15)
+            assert recv_exactly(fourth, 4) == b"wait"
+            assert len(relay.wait_for("accept", count=4)) == 4
+            for sock in first + [fourth]:
+                sock.close()
+
+
+def test_max_connections_per_client(tmp_path: Path) -> None:
+    with Target() as target:
+        text = "routes:\n" + route(target.port, max_connections_per_client=2)
+        with Relay(write_config(tmp_path, text)) as relay:
+            mine = [connect_from("127.0.0.2", relay.ports["r"]) for _ in range(2)]
+            for sock in mine:
+                assert echoes(sock)
+            assert refused_from("127.0.0.2", relay.ports["r"])
+            limited = relay.wait_for("limited")[0]
+            assert limited["client"].startswith("127.0.0.2:") and "max_connections_per_client" in limited["reason"]
+            with connect_from("127.0.0.3", relay.ports["r"]) as other:
+                assert echoes(other)
+            mine.pop().close()
+            poll(lambda: len(relay.actions("closed")) >= 2)
+            with connect_from("127.0.0.2", relay.ports["r"]) as again:
+                assert echoes(again)
+            for sock in mine:
+                sock.close()
+
+
+def test_denials_are_rate_limited_in_the_log(tmp_path: Path) -> None:
+    with Target() as target:
+        text = 'acl: {default: deny, allow_local: false, allow: ["ip:10.9.9.9"]}\nroutes:\n' + route(target.port)
+        with Relay(write_config(tmp_path, text)) as relay:
+            for _ in range(50):
+                assert refused_from("127.0.0.2", relay.ports["r"])
+            first = relay.wait_for("denied")
+            assert len(first) < 10  # 50 denials within a few seconds: about one line a second
+            assert target.accepted == 0
