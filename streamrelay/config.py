@@ -249,6 +249,7 @@ class RouteConfig:
     acl: AccessList = AccessList.allow_all()
     max_connections: int = 0
     max_connections_per_client: int = 0
+    reuse_port: bool = False
     udp_idle_timeout: float = 300.0
     udp_cleanup_interval: float = 60.0
     max_udp_sessions: int = 4096
@@ -314,6 +315,7 @@ TUNABLES: Mapping[str, _Tunable] = {
     "udp_idle_timeout": _Tunable(_positive_duration, _UDP),
     "udp_cleanup_interval": _Tunable(_positive_duration, _UDP),
     "max_udp_sessions": _Tunable(_integer(1, 1 << 20), _UDP),
+    "reuse_port": _Tunable(_boolean),
 }
 
 _ROUTE_ONLY = ("scheme", "bind", "host", "port", "proxy_protocol", "acl")

@@ -13,11 +13,13 @@ nothing to flush and are closed at once.
 from __future__ import annotations
 
 import resource
+import socket
 from typing import Any, Mapping
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.tcp import Binding, makeBinding
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import LogLevel
@@ -126,9 +128,10 @@ class RouteService(_ListeningService):
 
     def listen(self) -> IListeningPort:
         route = self.route
-        return self.reactor.listenTCP(
-            route.listen_port, self.listening_factory, backlog=route.backlog, interface=route.bind
-        )
+        port: int | Binding = route.listen_port
+        if route.reuse_port:
+            port = makeBinding(route.bind, route.listen_port, reuseAddress=True, reusePort=True)
+        return self.reactor.listenTCP(port, self.listening_factory, backlog=route.backlog, interface=route.bind)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -170,9 +173,19 @@ class UDPRouteService(_ListeningService):
 
     def listen(self) -> IListeningPort:
         route = self.route
-        return self.reactor.listenUDP(
-            route.listen_port, self.relay, interface=route.bind, maxPacketSize=MAX_DATAGRAM
-        )
+        if not route.reuse_port:
+            return self.reactor.listenUDP(route.listen_port, self.relay, interface=route.bind, maxPacketSize=MAX_DATAGRAM)
+        # Twisted's listenUDP cannot set SO_REUSEPORT: bind a socket and adopt it.
+        family = socket.AF_INET6 if ":" in route.bind else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((route.bind, route.listen_port))
+            except OSError as e:
+                raise CannotListenError(route.bind, route.listen_port, e) from None
+            sock.setblocking(False)
+            return self.reactor.adoptDatagramPort(sock.fileno(), family, self.relay, maxPacketSize=MAX_DATAGRAM)
 
     def startService(self) -> None:
         super().startService()

@@ -105,6 +105,7 @@ ERRORS = [
      "route 'ssh': field 'relay_proxy_protocol_header': only supported for tcp routes, not udp"),
     (route("scheme: udp4\nport: '1:2'\nproxy_protocol: {mode: disabled}\n"),
      "route 'ssh': field 'proxy_protocol': only supported for tcp routes, not udp4"),
+    (route("scheme: udp\nport: '1:2'\nreuse_port: maybe\n"), "route 'ssh': field 'reuse_port': expected true or false"),
     (route("scheme: tcp\nport: '1:2'\nproxy_protocol_version: 3\n"), "field 'proxy_protocol_version': expected one of 1, 2, found 3"),
     (route("scheme: tcp\nport: '1:2'\nrelay_proxy_protocol_header: yes please\n"), "expected true or false"),
     (
