@@ -65,7 +65,7 @@ def _lines(path: Path) -> list[str]:
 
 def test_example_config_starts(tmp_path: Path) -> None:
     with Relay(ROOT / "etc" / "routes.yml") as relay:
-        assert set(relay.ports) == {"ssh", "web"}
+        assert set(relay.ports) == {"ssh", "web", "dns", "mail"}
         assert relay.ports["ssh"] == 2222
 
 
