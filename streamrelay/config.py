@@ -10,6 +10,7 @@ stream routes where the two overlap.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Union
@@ -185,6 +186,15 @@ def _boolean(value: object) -> bool:
     return value
 
 
+def _splice(value: object) -> bool | str:
+    """C{auto}, C{true} or C{false}; C{true} only where C{os.splice} exists."""
+    if not isinstance(value, bool) and value != "auto":
+        raise _Invalid("auto, true or false")
+    if value is True and not hasattr(os, "splice"):
+        raise _Invalid("auto or false (this platform has no os.splice: it needs Linux and Python 3.10 or newer)")
+    return value  # type: ignore[return-value]
+
+
 def parse_network(value: object) -> IPNetwork:
     """An address or a CIDR block, e.g. C{10.0.0.0/8} or C{::1}."""
     if isinstance(value, str):
@@ -249,6 +259,7 @@ class RouteConfig:
     acl: AccessList = AccessList.allow_all()
     max_connections: int = 0
     max_connections_per_client: int = 0
+    splice: bool | str = "auto"  # True, False or "auto"
     reuse_port: bool = False
     udp_idle_timeout: float = 300.0
     udp_cleanup_interval: float = 60.0
@@ -312,6 +323,7 @@ TUNABLES: Mapping[str, _Tunable] = {
     "proxy_protocol_unique_id": _Tunable(_boolean, _TCP),
     "max_connections": _Tunable(_integer(0, 10_000_000), _TCP),
     "max_connections_per_client": _Tunable(_integer(0, 10_000_000), _TCP),
+    "splice": _Tunable(_splice, _TCP),
     "udp_idle_timeout": _Tunable(_positive_duration, _UDP),
     "udp_cleanup_interval": _Tunable(_positive_duration, _UDP),
     "max_udp_sessions": _Tunable(_integer(1, 1 << 20), _UDP),

@@ -16,6 +16,12 @@ While relaying, each transport is the streaming producer of the other, so a
 full write buffer on one side stops reading on the other: memory stays
 bounded whatever the speeds.  A FIN is passed on as a FIN (half-close), and a
 half-closed pair that stays silent for C{half_close_timeout} is aborted.
+
+On routes that splice, a pair whose sockets are plain TCP takes the other
+path once the target connects: neither side is read, the PROXY header and the
+held bytes are written, and once they have drained both sockets are handed to
+L{streamrelay.splice} (zero-copy), which reports bytes, FINs and losses back
+in the same terms, so counters, timers and states work alike on both paths.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from enum import Enum
 from typing import TYPE_CHECKING, Callable
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPullProducer, ITCPTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import splice
 from .config import RouteConfig, join_host_port
 from .dial import Dial, resolve
 from .events import RouteEvents, Throttle
@@ -39,6 +46,7 @@ from .hooks import NO_HOOKS, ConnectionContext, Hooks
 from .proxyproto import PP2_TYPE_UNIQUE_ID, build_v1, build_v2, unify_families
 
 if TYPE_CHECKING:
+    from twisted.internet import tcp
     from twisted.internet.interfaces import IAddress
 
 __all__ = ["HOLD_LIMIT", "Pair", "RelayFactory", "Side", "State"]
@@ -112,12 +120,20 @@ class Side(Protocol):
 
     def close(self) -> None:
         """Flush what is buffered, then close."""
-        if not self.lost:
+        if self.lost:
+            return
+        if self.pair.splice is not None:
+            self.pair.splice.close(self)
+        else:
             self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def abort(self) -> None:
-        if not self.lost:
+        if self.lost:
+            return
+        if self.pair.splice is not None:
+            self.pair.splice.abort(self)
+        else:
             self.transport.abortConnection()
 
 
@@ -165,6 +181,7 @@ class Pair:
         self.counted_client = False
         self.logged = False
         self.context: ConnectionContext | None = None
+        self.splice: splice.Splice | None = None  # set while the sockets are spliced
         self.started = factory.reactor.seconds()
         self.done: Deferred[None] = Deferred()
 
@@ -254,26 +271,74 @@ class Pair:
             return
         self.state = State.RELAYING
         self.target = target
-        client, upstream = self.client.transport, target.transport
-        if self.factory.route.relay_proxy_protocol_header:
-            upstream.write(self.proxy_header())
+        first = [self.proxy_header()] if self.factory.route.relay_proxy_protocol_header else []
+        first += self.held
+        self.held = []
         self.factory.events.debug(
-            "connected", conn=self.id, client=self.peer, via=describe(upstream.getHost())
+            "connected", conn=self.id, client=self.peer, via=describe(target.transport.getHost())
         )
+        sockets = self.splice_sockets() if self.factory.splicing and not self.client.eof else None
+        if sockets is None:
+            self.relay(first)
+        else:
+            self.splice_after(first, sockets)
+        if self.factory.route.idle_timeout and not self.client.eof:
+            self.arm_timer(self.factory.route.idle_timeout, "idle timeout")
+
+    def relay(self, first: list[bytes]) -> None:
+        """Relay through Twisted, writing C{first} to the target first."""
+        assert self.target is not None
+        client, upstream = self.client.transport, self.target.transport
         client.registerProducer(upstream, True)
-        target.sink = client
+        self.target.sink = client
         if self.client.eof:
-            self.write_held(upstream)
+            upstream.writeSequence(first)
             self.read_finished(self.client)
             return
         upstream.registerProducer(client, True)
         if self.client_paused:
             self.client_paused = False
             client.resumeProducing()
-        self.write_held(upstream)
+        upstream.writeSequence(first)
         self.client.sink = upstream
-        if self.factory.route.idle_timeout:
-            self.arm_timer(self.factory.route.idle_timeout, "idle timeout")
+
+    def splice_sockets(self) -> tuple[tcp.Connection, tcp.Connection] | None:
+        """Both sides' TCP connections, if nothing but this pair sees their bytes."""
+        assert self.target is not None
+        client, target = splice.socket_connection(self.client), splice.socket_connection(self.target)
+        return None if client is None or target is None else (client, target)
+
+    def splice_after(self, first: list[bytes], sockets: tuple[tcp.Connection, tcp.Connection]) -> None:
+        """Read neither side while C{first} goes out, then splice."""
+        assert self.target is not None
+        if not self.client_paused:
+            self.client_paused = True
+            self.client.transport.pauseProducing()
+        upstream = self.target.transport
+        upstream.pauseProducing()
+        if first:
+            upstream.registerProducer(_Preamble(upstream, first, lambda: self.start_splice(sockets)), False)
+        else:
+            self.start_splice(sockets)
+
+    def start_splice(self, sockets: tuple[tcp.Connection, tcp.Connection]) -> None:
+        assert self.target is not None
+        try:
+            engine = splice.Splice(self.factory.reactor, *sockets, self.spliced_bytes)
+        except OSError:  # no descriptors left for the pipes: relay the usual way
+            self.target.transport.resumeProducing()
+            self.relay([])
+            return
+        engine.start()
+        self.splice = engine
+        self.factory.events.debug("spliced", conn=self.id, client=self.peer, pipe_size=engine.pipe_size)
+
+    def spliced_bytes(self, side: Side, count: int) -> None:
+        """What C{Side.dataReceived} counts and times on the other path."""
+        side.received += count
+        timer = self.timer
+        if timer is not None:
+            timer.reset(self.timer_period)
 
     def proxy_header(self) -> bytes:
         """
@@ -291,19 +356,15 @@ class Pair:
             tlvs.append((PP2_TYPE_UNIQUE_ID, self.unique_id.encode("ascii")))
         return build_v2(source, destination, tlvs=tlvs)
 
-    def write_held(self, upstream: ITCPTransport) -> None:
-        if self.held:
-            upstream.writeSequence(self.held)
-            self.held = []
-
     def read_finished(self, side: Side) -> None:
         """C{side} sent a FIN: pass it on, and close once both have."""
         if self.target is None:
             return  # passed on when the target connects
         other = self.target if side is self.client else self.client
         assert other is not None
-        other.transport.unregisterProducer()
-        other.transport.loseWriteConnection()
+        if self.splice is None:  # spliced, the FIN follows once the pipe is drained
+            other.transport.unregisterProducer()
+            other.transport.loseWriteConnection()
         if other.eof:
             self.close("done")
         else:
@@ -404,6 +465,7 @@ class RelayFactory(ServerFactory):
         self.reactor = reactor
         self.hooks = hooks
         self.side_class = Side if hooks.on_read is None else ObservedSide
+        self.splicing = splicing(route, hooks)
         self.pairs: set[Pair] = set()
         self.per_client: dict[str, int] = {}
         self.refusals = {"denied": 0, "limited": 0, "refused": 0}
@@ -442,6 +504,45 @@ class RelayFactory(ServerFactory):
             if count:
                 self.per_client[pair.client_host] = count
         self.changed()
+
+
+def splicing(route: RouteConfig, hooks: Hooks) -> bool:
+    """
+    Whether a route's plain pairs are spliced: C{auto} splices where the
+    platform can and no C{on_read} hook needs to see each read.
+    """
+    if route.splice is False:
+        return False
+    if hooks.on_read is not None:
+        if route.splice is True:
+            raise ValueError(f"route {route.name!r}: splice: true leaves nothing for its on_read hook to see")
+        return False
+    return splice.AVAILABLE
+
+
+@implementer(IPullProducer)
+class _Preamble:
+    """
+    Writes what must reach the target before splicing, then calls C{then}:
+    a transport asks its pull producer for more exactly when its write buffer
+    has drained.
+    """
+
+    def __init__(self, transport: ITCPTransport, chunks: list[bytes], then: Callable[[], None]) -> None:
+        self.transport = transport
+        self.chunks = chunks
+        self.then = then
+
+    def resumeProducing(self) -> None:
+        if self.chunks:
+            self.transport.writeSequence(self.chunks)
+            self.chunks = []
+        else:
+            self.transport.unregisterProducer()
+            self.then()
+
+    def stopProducing(self) -> None:
+        """The target was lost first: the pair hears of it from its side."""
 
 
 def _nothing() -> None:

@@ -63,8 +63,20 @@ def reset_after_sending(port: int, data: bytes) -> bool:
     return False
 
 
+#: The C{splice} setting of every route this module writes (see L{splice}).
+SPLICE = "false"
+
+
+@pytest.fixture(scope="module", autouse=True, params=["false", "true"], ids=["twisted", "spliced"])
+def splice(request: pytest.FixtureRequest) -> str:
+    """Runs every test of this module twice: relayed by Twisted, then spliced."""
+    global SPLICE
+    SPLICE = request.param
+    return SPLICE
+
+
 def route(target_port: int, name: str = "pp", **fields: object) -> str:
-    extra = "".join(f"    {k}: {v}\n" for k, v in fields.items())
+    extra = "".join(f"    {k}: {v}\n" for k, v in {"splice": SPLICE, **fields}.items())
     return f"  {name}:\n    scheme: tcp4\n    bind: 127.0.0.1\n    host: 127.0.0.1\n    port: ':{target_port}'\n{extra}"
 
 

@@ -26,8 +26,20 @@ from tests.harness import (
 )
 
 
+#: The C{splice} setting of every route this module writes (see L{splice}).
+SPLICE = "false"
+
+
+@pytest.fixture(scope="module", autouse=True, params=["false", "true"], ids=["twisted", "spliced"])
+def splice(request: pytest.FixtureRequest) -> str:
+    """Runs every test of this module twice: relayed by Twisted, then spliced."""
+    global SPLICE
+    SPLICE = request.param
+    return SPLICE
+
+
 def tcp_route(target_port: int, name: str = "echo", **fields: object) -> str:
-    extra = "".join(f"    {k}: {v}\n" for k, v in fields.items())
+    extra = "".join(f"    {k}: {v}\n" for k, v in {"splice": SPLICE, **fields}.items())
     return (
         f"  {name}:\n    scheme: tcp4\n    bind: 127.0.0.1\n    host: 127.0.0.1\n"
         f"    port: ':{target_port}'\n{extra}"
@@ -41,7 +53,7 @@ def echo_target():
 
 
 @pytest.fixture(scope="module")
-def echo_relay(tmp_path_factory, echo_target):
+def echo_relay(tmp_path_factory, echo_target, splice):
     path = write_config(tmp_path_factory.mktemp("echo"), "routes:\n" + tcp_route(echo_target.port))
     with Relay(path) as relay:
         yield relay
