@@ -10,6 +10,7 @@ per-chunk path, and a pending attempt can be stopped when the client leaves.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Callable
 
@@ -51,17 +52,23 @@ class _Addresses:
         self.deferred.callback(self.found)
 
 
+@functools.lru_cache(maxsize=256)
+def _is_ip_literal(host: str) -> bool:
+    """Cached: routes have few targets, and this runs for every connection."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve(reactor: IReactorPluggableNameResolver, host: str, family: int | None) -> Deferred[list[str]]:
     """
     The addresses of C{host} (an IP literal resolves to itself), restricted
     to IPv4 or IPv6 when C{family} says so.  Fails with L{DNSLookupError}
     when nothing is found.
     """
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
+    if _is_ip_literal(host):
         return succeed([host])
     receiver = _Addresses()
     reactor.nameResolver.resolveHostName(receiver, host, 0, _ADDRESS_TYPES[family])
