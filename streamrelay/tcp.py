@@ -35,10 +35,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPullProducer, ITCPTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import splice
+from . import events, splice
 from .config import RouteConfig, join_host_port
 from .dial import Dial, resolve
 from .events import RouteEvents, Throttle
@@ -274,9 +275,10 @@ class Pair:
         first = [self.proxy_header()] if self.factory.route.relay_proxy_protocol_header else []
         first += self.held
         self.held = []
-        self.factory.events.debug(
-            "connected", conn=self.id, client=self.peer, via=describe(target.transport.getHost())
-        )
+        if events.enabled(LogLevel.debug):  # getHost() is a system call
+            self.factory.events.debug(
+                "connected", conn=self.id, client=self.peer, via=describe(target.transport.getHost())
+            )
         sockets = self.splice_sockets() if self.factory.splicing and not self.client.eof else None
         if sockets is None:
             self.relay(first)
