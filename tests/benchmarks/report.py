@@ -1,0 +1,208 @@
+"""
+Collecting figures, and printing them as tables and JSON.
+
+Every figure is the median of its runs, given with its ratio to C{direct}
+and to C{haproxy} measured in the same benchmark run (where those have the
+figure), and for latency with the time the relay adds over C{direct}.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .workloads import Figures, Metric
+
+@dataclass
+class Entry:
+    """One figure: a metric of one variant of a workload through one relay."""
+
+    workload: str
+    variant: str
+    relay: str
+    metric: Metric
+    runs: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+
+@dataclass
+class Section:
+    """A workload's table: its title and the order of variants and metrics."""
+
+    name: str
+    title: str
+    metrics: tuple[Metric, ...]
+    variants: list[str] = field(default_factory=list)
+
+
+class Results:
+    """Everything measured in one benchmark run, in the order it was measured."""
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.meta = meta
+        self.sections: dict[str, Section] = {}
+        self.entries: dict[tuple[str, str, str, str], Entry] = {}
+        self.relays: list[str] = []
+        self.notes: list[dict[str, str]] = []
+
+    def section(self, name: str, title: str, metrics: tuple[Metric, ...]) -> None:
+        self.sections.setdefault(name, Section(name, title, metrics))
+
+    def add(self, workload: str, relay: str, figures: Figures) -> None:
+        """One run's figures."""
+        section = self.sections[workload]
+        if relay not in self.relays:
+            self.relays.append(relay)
+        for variant, values in figures.items():
+            if variant not in section.variants:
+                section.variants.append(variant)
+            for metric in section.metrics:
+                if relay == "direct" and not metric.vs_direct:
+                    continue  # no relay process: nothing to measure
+                key = (workload, variant, relay, metric.key)
+                entry = self.entries.setdefault(key, Entry(workload, variant, relay, metric))
+                entry.runs.append(values[metric.key])
+
+    def note(self, relay: str, workload: str, status: str, reason: str) -> None:
+        """A relay or workload that was skipped or failed, printed as it happens."""
+        print(f"{_where(relay, workload)}: {status}: {reason}", flush=True)
+        self.notes.append({"relay": relay, "workload": workload, "status": status, "reason": reason})
+
+    def median(self, workload: str, variant: str, relay: str, metric: str) -> float | None:
+        entry = self.entries.get((workload, variant, relay, metric))
+        return entry.median if entry is not None else None
+
+    def ratio(self, entry: Entry, baseline: str) -> float | None:
+        if not entry.metric.ratios:
+            return None
+        base = self.median(entry.workload, entry.variant, baseline, entry.metric.key)
+        return entry.median / base if base else None
+
+    def added(self, entry: Entry) -> float | None:
+        """How much more than C{direct} (for latency)."""
+        base = self.median(entry.workload, entry.variant, "direct", entry.metric.key)
+        return entry.median - base if entry.metric.added and base is not None else None
+
+    # ------------------------------------------------------------ output
+
+    def to_json(self) -> dict[str, Any]:
+        figures = []
+        for entry in self.entries.values():
+            figures.append({
+                "workload": entry.workload, "variant": entry.variant, "relay": entry.relay,
+                "metric": entry.metric.key, "unit": entry.metric.unit,
+                "lower_is_better": entry.metric.lower_is_better,
+                "median": entry.median, "runs": entry.runs,
+                "vs_direct": self.ratio(entry, "direct"), "vs_haproxy": self.ratio(entry, "haproxy"),
+                **({"added_over_direct": self.added(entry)} if entry.metric.added else {}),
+            })
+        return {
+            "meta": self.meta,
+            "workloads": {s.name: s.title for s in self.sections.values()},
+            "notes": self.notes,
+            "figures": figures,
+            "load_generator_check": self.headroom(),
+        }
+
+    def write_json(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n")
+
+    def text(self) -> str:
+        lines: list[str] = []
+        for section in self.sections.values():
+            lines += ["", f"== {section.name}: {section.title}", *self._table(section)]
+        lines += ["", "== direct vs the fastest relay (the load generator is not the bottleneck"
+                  " when direct is well ahead)"]
+        lines += self.headroom()
+        if self.notes:
+            lines += ["", "== skipped, failed and warnings"]
+            lines += [f"{_where(n['relay'], n['workload'])}: {n['status']}: {n['reason']}"
+                      for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def _table(self, section: Section) -> list[str]:
+        header = ["relay", "variant"]
+        for metric in section.metrics:
+            header.append(metric.unit)
+            if metric.added:
+                header.append("+µs/direct")
+            if metric.ratios:
+                header += ["/direct"] if metric.vs_direct else []
+                header.append("/haproxy")
+        rows = [header]
+        for variant in section.variants:
+            for relay in self.relays:
+                if (section.name, variant, relay, section.metrics[0].key) not in self.entries:
+                    continue
+                row = [relay, variant]
+                for metric in section.metrics:
+                    entry = self.entries.get((section.name, variant, relay, metric.key))
+                    row.append(_number(entry.median if entry else None))
+                    if metric.added:
+                        row.append(_number(self.added(entry) if entry else None))
+                    if metric.ratios:
+                        baselines = ("direct", "haproxy") if metric.vs_direct else ("haproxy",)
+                        row += [_ratio(self.ratio(entry, b) if entry else None) for b in baselines]
+                rows.append(row)
+        return _aligned(rows)
+
+    def headroom(self) -> list[str]:
+        """
+        For each headline figure, direct against the best relay: the load
+        generator is not the bottleneck if direct is at least 1.5 times better.
+        """
+        lines = []
+        for section in self.sections.values():
+            for metric in (m for m in section.metrics if m.headline):
+                for variant in section.variants:
+                    direct = self.median(section.name, variant, "direct", metric.key)
+                    others = [
+                        value for relay in self.relays if relay != "direct"
+                        if (value := self.median(section.name, variant, relay, metric.key))
+                    ]
+                    if not direct or not others:
+                        continue
+                    best = min(others) if metric.lower_is_better else max(others)
+                    advantage = best / direct if metric.lower_is_better else direct / best
+                    verdict = "ok" if advantage >= 1.5 else "WARNING: the load generator may be the bottleneck"
+                    lines.append(f"{section.name} {variant} {metric.unit}: direct {_number(direct)},"
+                                 f" best relay {_number(best)}: direct {advantage:.1f}x better ({verdict})")
+        return lines
+
+
+def _where(relay: str, workload: str) -> str:
+    return " ".join(filter(None, (relay, workload))) or "benchmark"
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    magnitude = abs(value)
+    if magnitude >= 1000 or value == int(value):
+        return f"{value:,.0f}"
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
+                  for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    ]
