@@ -25,11 +25,25 @@ from typing import Any
 from .relays import Context, Relay, Running, Skipped, StreamRelay, Targets, all_relays
 from .report import Results
 from .tools import (
-    REPO, PortAllocator, Process, build_loadgen, choose_cpus, ensure, have, listening, raise_fd_limit,
-    start, wait_until,
+    REPO,
+    PortAllocator,
+    Process,
+    build_loadgen,
+    choose_cpus,
+    ensure,
+    have,
+    listening,
+    raise_fd_limit,
+    start,
+    wait_until,
 )
 from .workloads import (
-    Environment, Settings, ShortConnections, Workload, all_workloads, connections_per_second,
+    Environment,
+    Settings,
+    ShortConnections,
+    Workload,
+    all_workloads,
+    connections_per_second,
 )
 
 ACL = "acl"
@@ -82,12 +96,14 @@ def start_targets(workdir: Path, ports: PortAllocator, cpu: int, loadgen: Path,
 def run_workload(relay: Relay, workload: Workload, running: Running, context: Context,
                  env: Environment, results: Results) -> Running:
     """All runs of one workload through one relay; returns the relay now running."""
+    began = time.monotonic()
     for index in range(env.settings.runs):
         if workload.fresh_relay and index > 0:
             running.stop()
             running = relay.start(context)
         results.add(workload.name, relay.name, workload.measure(env, running))
     section = results.sections[workload.name]
+    lines = []
     for variant in section.variants:
         figures = [
             f"{results.median(workload.name, variant, relay.name, m.key):.4g} {m.unit}"
@@ -95,7 +111,9 @@ def run_workload(relay: Relay, workload: Workload, running: Running, context: Co
             if results.median(workload.name, variant, relay.name, m.key) is not None
         ]
         if figures:
-            print(f"  {relay.name:<20} {workload.name:<8} {variant:<16} " + ", ".join(figures), flush=True)
+            lines.append(f"  {relay.name:<20} {workload.name:<8} {variant:<16} " + ", ".join(figures))
+    if lines:
+        print("\n".join(lines) + f"  [{time.monotonic() - began:.1f} s]", flush=True)
     return running
 
 
@@ -191,7 +209,7 @@ def versions() -> dict[str, str]:
     found = {"python": platform.python_version(), "kernel": platform.release()}
     for name, argv in commands.items():
         try:
-            completed = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            completed = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
         except (OSError, subprocess.SubprocessError):
             continue
         lines = [line for line in (completed.stdout + completed.stderr).splitlines()
@@ -241,7 +259,7 @@ def main() -> None:
     fd_limit = raise_fd_limit()
     meta: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu": cpu_model(), "cpus": {"relay": cpus.relay, "load": cpus.load},
         "fd_limit": fd_limit, "settings": settings.__dict__, "versions": versions(),
         "busy_before_start": busy_fraction(),

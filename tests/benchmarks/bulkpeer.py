@@ -26,7 +26,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 BLOCK = 1 << 20
 PAGE = 4096

@@ -12,8 +12,8 @@ parent's ``cutime``/``cstime``, so it is counted exactly once either way.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 

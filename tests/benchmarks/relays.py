@@ -25,7 +25,18 @@ from typing import Any
 import yaml
 
 from . import procstat
-from .tools import LOOPBACK, REPO, Cpus, PortAllocator, Process, ensure, have, listening, start, wait_until
+from .tools import (
+    LOOPBACK,
+    REPO,
+    Cpus,
+    PortAllocator,
+    Process,
+    ensure,
+    have,
+    listening,
+    start,
+    wait_until,
+)
 
 #: The TCP targets every relay forwards to, by route name.
 TCP_ROUTES = ("iperf", "sockperf", "reply", "bulk")
@@ -186,7 +197,7 @@ class StreamRelay(Relay):
             )
             processes.append(process)
             try:
-                wait_until(lambda: _started_routes(process) >= routes, [process])
+                wait_until(lambda process=process: _started_routes(process) >= routes, [process])
             except RuntimeError as e:
                 for started in processes:
                     started.stop()
@@ -326,6 +337,8 @@ def all_relays() -> list[Relay]:
     return [
         Direct(),
         StreamRelay("streamrelay"),
+        StreamRelay("streamrelay-nosplice", route_fields={"splice": False},
+                    refusal="no splice field (the default path is the only one)", with_udp=False),
         StreamRelay("streamrelay-splice", route_fields={"splice": True},
                     refusal="splice path not implemented", with_udp=False),
         StreamRelay("streamrelay-2proc", route_fields={"reuse_port": True}, processes=2,

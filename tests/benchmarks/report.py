@@ -16,6 +16,7 @@ from typing import Any
 
 from .workloads import Figures, Metric
 
+
 @dataclass
 class Entry:
     """One figure: a metric of one variant of a workload through one relay."""
@@ -117,8 +118,8 @@ class Results:
         lines: list[str] = []
         for section in self.sections.values():
             lines += ["", f"== {section.name}: {section.title}", *self._table(section)]
-        lines += ["", "== direct vs the fastest relay (the load generator is not the bottleneck"
-                  " when direct is well ahead)"]
+        lines += ["", ("== direct vs the fastest relay: direct runs both ends on the load CPU, so a"
+                       " relay close to it is held back by the load CPU, not its own (see its CPU figures)")]
         lines += self.headroom()
         if self.notes:
             lines += ["", "== skipped, failed and warnings"]

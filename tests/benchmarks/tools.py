@@ -17,9 +17,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -48,7 +48,7 @@ def raise_fd_limit(wanted: int = 65536) -> int:
     Raise the descriptor limit, which every relay and tool inherits: both
     limits to C{wanted} if allowed (as root), else the soft one to the hard.
     """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(wanted, hard), max(wanted, hard)))
     except (ValueError, OSError):
@@ -187,6 +187,7 @@ def run(argv: Sequence[str], cpu: int, timeout: float, cwd: Path | None = None) 
     """Run a load tool pinned to C{cpu} and return its standard output."""
     completed = subprocess.run(
         ["taskset", "-c", str(cpu), *argv], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        check=False,
     )
     if completed.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed ({completed.returncode}): {last_line(completed.stderr)}")
@@ -215,7 +216,7 @@ def ensure(what: str, package: str, present: Callable[[], bool]) -> str | None:
     print(f"installing {package} (for {what}) with apt-get", flush=True)
     result = subprocess.run(
         ["apt-get", "install", "-y", "-q", package], capture_output=True, text=True,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600, check=False,
     )
     if not present():
         return f"{what} is missing and apt-get install {package} failed: {result.stderr.strip()[-300:]}"
