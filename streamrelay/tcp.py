@@ -115,7 +115,7 @@ class Side(Protocol):
     def writeConnectionLost(self) -> None:
         """Our FIN went out; nothing to do until the peer finishes too."""
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         self.lost = True
         self.pair.side_lost(self, reason)
 

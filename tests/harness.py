@@ -230,6 +230,25 @@ def recv_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+#: Fields every L{tcp_route} gets unless the caller sets them; the
+#: C{relay_paths} fixture (conftest.py) switches C{splice} per module run.
+ROUTE_DEFAULTS: dict[str, object] = {"splice": "false"}
+
+
+def tcp_route(target_port: int, name: str, **fields: object) -> str:
+    """A tcp4 route on 127.0.0.1 relaying to C{target_port} on 127.0.0.1."""
+    extra = "".join(f"    {k}: {v}\n" for k, v in {**ROUTE_DEFAULTS, **fields}.items())
+    return (
+        f"  {name}:\n    scheme: tcp4\n    bind: 127.0.0.1\n    host: 127.0.0.1\n"
+        f"    port: ':{target_port}'\n{extra}"
+    )
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    """A connection to 127.0.0.1:C{port} from the loopback address C{source}."""
+    return socket.create_connection(("127.0.0.1", port), timeout=DEADLINE, source_address=(source, 0))
+
+
 def write_config(directory: Path, text: str, name: str = "routes.yml") -> Path:
     path = directory / name
     path.write_text(text)

@@ -10,28 +10,16 @@ from pathlib import Path
 import pytest
 
 from streamrelay.proxyproto import build_v2
-from tests.harness import Relay, Target, poll, recv_all, recv_exactly, write_config
+from tests.harness import connect_from, tcp_route, Relay, Target, poll, recv_all, recv_exactly, write_config
 
-
-def connect_from(source: str, port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(source, 0))
 
 
 #: The C{splice} setting of every route this module writes (see L{splice}).
-SPLICE = "false"
-
-
-@pytest.fixture(scope="module", autouse=True, params=["false", "true"], ids=["twisted", "spliced"])
-def splice(request: pytest.FixtureRequest) -> str:
-    """Runs every test of this module twice: relayed by Twisted, then spliced."""
-    global SPLICE
-    SPLICE = request.param
-    return SPLICE
+pytestmark = pytest.mark.usefixtures("relay_paths")
 
 
 def route(target_port: int, name: str = "r", **fields: object) -> str:
-    extra = "".join(f"    {k}: {v}\n" for k, v in {"splice": SPLICE, **fields}.items())
-    return f"  {name}:\n    scheme: tcp4\n    bind: 127.0.0.1\n    host: 127.0.0.1\n    port: ':{target_port}'\n{extra}"
+    return tcp_route(target_port, name, **fields)
 
 
 def echoes(sock: socket.socket) -> bool:

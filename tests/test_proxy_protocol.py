@@ -16,13 +16,10 @@ from pathlib import Path
 import pytest
 
 from streamrelay.proxyproto import V2_SIGNATURE, ProxyInfo, build_v1, build_v2, parse
-from tests.harness import Relay, Target, poll, recv_all, recv_exactly, write_config
+from tests.harness import connect_from, tcp_route, Relay, Target, poll, recv_all, recv_exactly, write_config
 
 CLIENT = "127.0.0.2"  # the original client; 127.0.0.1 plays the proxies
 
-
-def connect_from(source: str, port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(source, 0))
 
 
 class HeaderTarget(Target):
@@ -64,20 +61,11 @@ def reset_after_sending(port: int, data: bytes) -> bool:
 
 
 #: The C{splice} setting of every route this module writes (see L{splice}).
-SPLICE = "false"
-
-
-@pytest.fixture(scope="module", autouse=True, params=["false", "true"], ids=["twisted", "spliced"])
-def splice(request: pytest.FixtureRequest) -> str:
-    """Runs every test of this module twice: relayed by Twisted, then spliced."""
-    global SPLICE
-    SPLICE = request.param
-    return SPLICE
+pytestmark = pytest.mark.usefixtures("relay_paths")
 
 
 def route(target_port: int, name: str = "pp", **fields: object) -> str:
-    extra = "".join(f"    {k}: {v}\n" for k, v in {"splice": SPLICE, **fields}.items())
-    return f"  {name}:\n    scheme: tcp4\n    bind: 127.0.0.1\n    host: 127.0.0.1\n    port: ':{target_port}'\n{extra}"
+    return tcp_route(target_port, name, **fields)
 
 
 INBOUND = "{mode: %s, trusted_proxies: [127.0.0.1], timeout: 1s, detect_timeout: 300ms}"

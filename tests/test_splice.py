@@ -32,7 +32,7 @@ from streamrelay.config import ConfigError
 from streamrelay.events import RouteEvents
 from streamrelay.splice import Splice
 from streamrelay.tcp import RelayFactory
-from tests.harness import Relay, Target, connect, poll, recv_all, recv_exactly, write_config
+from tests.harness import tcp_route, Relay, Target, connect, poll, recv_all, recv_exactly, write_config
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="os.splice needs Linux and Python 3.10+")
 
@@ -40,8 +40,7 @@ MIB = 1 << 20
 
 
 def route(target_port: int, name: str = "s", splice: str = "true", **fields: object) -> str:
-    extra = "".join(f"    {k}: {v}\n" for k, v in {"splice": splice, **fields}.items())
-    return f"  {name}:\n    scheme: tcp4\n    bind: 127.0.0.1\n    host: 127.0.0.1\n    port: ':{target_port}'\n{extra}"
+    return tcp_route(target_port, name, splice=splice, **fields)
 
 
 def debug_relay(directory: Path, routes: str, *args: str) -> Relay:

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from tests import harness
 from tests.harness import (
     Relay,
     Target,
@@ -26,24 +27,11 @@ from tests.harness import (
 )
 
 
-#: The C{splice} setting of every route this module writes (see L{splice}).
-SPLICE = "false"
-
-
-@pytest.fixture(scope="module", autouse=True, params=["false", "true"], ids=["twisted", "spliced"])
-def splice(request: pytest.FixtureRequest) -> str:
-    """Runs every test of this module twice: relayed by Twisted, then spliced."""
-    global SPLICE
-    SPLICE = request.param
-    return SPLICE
+pytestmark = pytest.mark.usefixtures("relay_paths")
 
 
 def tcp_route(target_port: int, name: str = "echo", **fields: object) -> str:
-    extra = "".join(f"    {k}: {v}\n" for k, v in {"splice": SPLICE, **fields}.items())
-    return (
-        f"  {name}:\n    scheme: tcp4\n    bind: 127.0.0.1\n    host: 127.0.0.1\n"
-        f"    port: ':{target_port}'\n{extra}"
-    )
+    return harness.tcp_route(target_port, name, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +41,7 @@ def echo_target():
 
 
 @pytest.fixture(scope="module")
-def echo_relay(tmp_path_factory, echo_target, splice):
+def echo_relay(tmp_path_factory, echo_target, relay_paths):
     path = write_config(tmp_path_factory.mktemp("echo"), "routes:\n" + tcp_route(echo_target.port))
     with Relay(path) as relay:
         yield relay
