@@ -251,7 +251,7 @@ class RouteConfig:
     retries: int = 1
     idle_timeout: float = 0.0
     half_close_timeout: float = 30.0
-    backlog: int = 1024
+    backlog: int = 4096
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
     relay_proxy_protocol_header: bool = False
     proxy_protocol_version: int = 2

@@ -28,7 +28,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["Dial", "resolve"]
+__all__ = ["Dial", "is_ip_literal", "resolve"]
 
 _ADDRESS_TYPES = {4: [IPv4Address], 6: [IPv6Address], None: None}
 
@@ -53,7 +53,7 @@ class _Addresses:
 
 
 @functools.lru_cache(maxsize=256)
-def _is_ip_literal(host: str) -> bool:
+def is_ip_literal(host: str) -> bool:
     """Cached: routes have few targets, and this runs for every connection."""
     try:
         ipaddress.ip_address(host)
@@ -68,7 +68,7 @@ def resolve(reactor: IReactorPluggableNameResolver, host: str, family: int | Non
     to IPv4 or IPv6 when C{family} says so.  Fails with L{DNSLookupError}
     when nothing is found.
     """
-    if _is_ip_literal(host):
+    if is_ip_literal(host):
         return succeed([host])
     receiver = _Addresses()
     reactor.nameResolver.resolveHostName(receiver, host, 0, _ADDRESS_TYPES[family])

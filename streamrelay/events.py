@@ -31,7 +31,7 @@ FORMATS = {
     "stop": "route {route}: stopped listening on {listen}",
     "accept": "route {route}: #{conn} accepted {client}",
     "connected": "route {route}: #{conn} {client} connected to {dst} from {via}",
-    "spliced": "route {route}: #{conn} {client} spliced (pipes of {pipe_size} bytes)",
+    "spliced": "route {route}: #{conn} {client} spliced",
     "dial-failed": "route {route}: #{conn} {client} could not reach {dst}: {reason}",
     "closed": (
         "route {route}: #{conn} {client} closed ({reason}) after {duration:.3f}s,"

@@ -1,25 +1,31 @@
 """
 The zero-copy path of the TCP relay: a plain pair's two sockets relayed with
-C{os.splice} (socket → pipe → socket), so relayed bytes never enter Python.
+C{os.splice} (socket → pipe → socket), so bulk bytes never enter Python.
 
 While a pair is spliced the reactor knows each socket through an L{_End}, the
 one descriptor registered for that fd (epoll keeps one handler per fd): it
-reads its socket into the pipe of its outgoing L{_Flow} and drains the pipe
-of its incoming flow into the socket.  A flow whose pipe the sink cannot take
-stops reading its source until the pipe is empty: that is the backpressure,
-and at most one pipe of bytes per direction is ever in flight.
+reads its socket for its outgoing L{_Flow} and drains its incoming flow into
+the socket.  A flow whose sink cannot take everything stops reading its
+source until what is in flight has gone: that is the backpressure, and at
+most one pipe (or one small read) of bytes per direction is ever in flight.
+
+splice(2) pays off for streams, not for small messages: two splices cost
+more than a C{recv} and a C{send} of a few hundred bytes, and a pipe costs
+two descriptors.  So a flow copies (C{recv}, C{send}) until a read fills
+L{COPY_SIZE}, splices while reads stay that large, and a flow holds a pipe
+only while bytes are in it; empty pipes wait in a L{PipePool} for the next
+flow, never more of them than there are spliced pairs.  An idle pair holds
+its two sockets and nothing else.
 
 Twisted's transports stay attached to their protocols but detached from the
 reactor (not reading, not writing, write buffers empty) until the end, when
 each gets its socket back through its own C{connectionLost}, which closes the
 socket and tells the protocol, as if Twisted had relayed the bytes itself:
 
-    the source's FIN        → protocol.readConnectionLost(); the FIN is passed on once the pipe is empty
+    the source's FIN        → protocol.readConnectionLost(); the FIN is passed on once nothing is in flight
     a socket error          → connectionLost(ConnectionLost) at once ("reset")
-    L{Splice.close}         → connectionLost(ConnectionDone) a turn after the pipe towards it is empty
+    L{Splice.close}         → connectionLost(ConnectionDone) a turn after nothing is in flight towards it
     L{Splice.abort}         → abortConnection() (a reset), dropping what was in flight towards it
-
-The pipes are closed as soon as neither socket is spliced any more.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IRead
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["AVAILABLE", "PIPE_SIZE", "Splice", "socket_connection"]
+__all__ = ["AVAILABLE", "COPY_SIZE", "PIPE_SIZE", "PipePool", "Splice", "socket_connection"]
 
 #: Linux with Python 3.10 or newer.
 AVAILABLE = hasattr(os, "splice")
@@ -44,6 +50,11 @@ AVAILABLE = hasattr(os, "splice")
 #: would only use up an unprivileged user's pipe budget (pipe-user-pages-soft,
 #: 64 MiB) sooner, after which new pipes get two pages (pipe(7)).
 PIPE_SIZE = 1 << 18
+#: A flow copies reads up to this size; one that fills it starts splicing,
+#: and a splice that moves less goes back to copying.
+COPY_SIZE = 1 << 14
+#: Spare empty pipes kept at most, however many pairs are spliced.
+MAX_SPARE_PIPES = 64
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _SIOCATMARK = 0x8905  # Linux <asm-generic/sockios.h>; Python does not name it
 
@@ -66,37 +77,87 @@ def socket_connection(protocol: IProtocol) -> tcp.Connection | None:
     return transport if transport.protocol is protocol else None
 
 
+class _Pipe:
+    """A non-blocking pipe, enlarged to L{PIPE_SIZE} if the kernel allows."""
+
+    __slots__ = ("read_fd", "write_fd", "size")
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.size = fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # above pipe-max-size, or the user's pipe budget is spent
+            self.size = fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ)
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+class PipePool:
+    """
+    Empty pipes between uses.  It keeps no more spare pipes than there are
+    spliced pairs (and at most L{MAX_SPARE_PIPES}), so a relay with no pair
+    spliced holds no pipe at all.
+    """
+
+    def __init__(self) -> None:
+        self.spare: list[_Pipe] = []
+        self.users = 0  # spliced pairs
+
+    def take(self) -> _Pipe:
+        """An empty pipe; C{OSError} when none is spare and no descriptor is left for one."""
+        return self.spare.pop() if self.spare else _Pipe()
+
+    def give(self, pipe: _Pipe) -> None:
+        """Take back an empty pipe."""
+        self.spare.append(pipe)
+        self.trim()
+
+    def attach(self) -> None:
+        self.users += 1
+
+    def detach(self) -> None:
+        self.users -= 1
+        self.trim()
+
+    def trim(self) -> None:
+        keep = min(self.users, MAX_SPARE_PIPES)
+        while len(self.spare) > keep:
+            self.spare.pop().close()
+
+
+#: The process's pool, shared by every route.
+PIPES = PipePool()
+
+
 class Splice:
     """
-    Relays two connected sockets through two pipes until both are closed.
-    Creating one makes the pipes (C{OSError} if it cannot); L{start} takes the
-    sockets over from Twisted, whose write buffers must be empty.
+    Relays two connected sockets until both are closed.  L{start} takes the
+    sockets over from Twisted, whose write buffers must be empty; C{first}
+    is written to C{second} before anything else (a PROXY header, bytes
+    held while dialing).
     """
 
-    def __init__(self, reactor: Any, first: tcp.Connection, second: tcp.Connection, moved: Moved) -> None:
+    def __init__(self, reactor: Any, first: tcp.Connection, second: tcp.Connection, moved: Moved,
+                 *, preamble: bytes = b"", pipes: PipePool = PIPES) -> None:
         self.reactor = reactor
         self.moved = moved
+        self.pipes = pipes
         a, b = _End(self, first), _End(self, second)
         self.ends = {a.protocol: a, b.protocol: b}
-        up = _pipe()
-        try:
-            down = _pipe()
-        except OSError:
-            os.close(up[0])
-            os.close(up[1])
-            raise
-        self.fds = (*up[:2], *down[:2])
-        self.pipe_size = min(up[2], down[2])
-        a.outgoing = b.incoming = _Flow(self, a, b, up)
-        b.outgoing = a.incoming = _Flow(self, b, a, down)
+        a.outgoing = b.incoming = _Flow(self, a, b)
+        b.outgoing = a.incoming = _Flow(self, b, a)
+        a.outgoing.unsent = preamble
 
     def start(self) -> None:
+        self.pipes.attach()
         # Twisted's registrations go first: the reactor keys them by fd.
         for end in self.ends.values():
             end.connection.stopReading()
             end.connection.stopWriting()
         for end in self.ends.values():
-            end.read(True)
+            end.outgoing.flush()  # the preamble, if any; otherwise starts reading
 
     def close(self, protocol: IProtocol) -> None:
         """Close C{protocol}'s socket once what is in flight towards it is written."""
@@ -106,7 +167,7 @@ class Splice:
         end.closing = True
         end.outgoing.stop()
         end.incoming.stop()
-        end.incoming.flush()  # releases the end once the pipe is empty
+        end.incoming.flush()  # releases the end once nothing is in flight
 
     def abort(self, protocol: IProtocol) -> None:
         """Reset C{protocol}'s socket now, dropping what is in flight towards it."""
@@ -116,7 +177,7 @@ class Splice:
             end.connection.abortConnection()
 
     def closed(self, end: _End) -> None:
-        """C{end} is closing and its incoming pipe is empty: an orderly close, next turn."""
+        """C{end} is closing and nothing is in flight towards it: an orderly close, next turn."""
         self.release(end)
         self.reactor.callLater(0, end.connection.connectionLost, Failure(ConnectionDone()))
 
@@ -126,17 +187,18 @@ class Splice:
         end.connection.connectionLost(reason)
 
     def release(self, end: _End) -> None:
-        """Stop splicing C{end}'s socket (once); close the pipes if it was the last one."""
+        """Stop splicing C{end}'s socket (once); the pipes go back with the last one."""
         assert not end.released
         end.read(False)
         end.write(False)
         end.released = True
-        end.outgoing.stop()  # what is already in its pipe still goes to the other end
+        end.outgoing.stop()  # what is already in flight still goes to the other end
         end.incoming.stop()
-        end.incoming.pending = 0  # nowhere to go any more
+        end.incoming.drop()  # nowhere to go any more
         if all(other.released for other in self.ends.values()):
-            for fd in self.fds:
-                os.close(fd)
+            for flow in (end.incoming, end.outgoing):
+                flow.drop()
+            self.pipes.detach()
 
 
 @implementer(IReadWriteDescriptor)
@@ -150,6 +212,7 @@ class _End:
         self.splice = splice
         self.connection = connection
         self.protocol: IProtocol = connection.protocol
+        self.socket: socket.socket = connection.getHandle()
         self.fd = connection.fileno()
         self.reading = False
         self.writing = False
@@ -189,50 +252,74 @@ class _End:
 
 
 class _Flow:
-    """One direction: the source's socket → a pipe → the sink's socket."""
+    """
+    One direction, source socket to sink socket.  In flight at any time is
+    either C{unsent} (bytes copied into the process) or C{pending} bytes in
+    C{pipe}, never both: the source is not read until both are empty.
+    """
 
-    def __init__(self, splice: Splice, source: _End, sink: _End, pipe: tuple[int, int, int]) -> None:
+    def __init__(self, splice: Splice, source: _End, sink: _End) -> None:
         self.splice = splice
         self.source = source
         self.sink = sink
-        self.read_fd, self.write_fd, self.size = pipe
+        self.pipe: _Pipe | None = None  # held only while bytes are in it
         self.pending = 0  # bytes in the pipe
+        self.unsent = b""  # bytes copied in, not yet taken by the sink
+        self.splicing = False  # reads are large: splice them
+        self.piped = 0  # bytes that went through a pipe, for the curious
         self.open = True  # the source may still be read
-        self.fin = False  # a FIN is due to the sink once the pipe is empty
+        self.fin = False  # a FIN is due to the sink once nothing is in flight
 
     def fill(self) -> None:
-        """The source is readable: move what it has into the pipe, and on."""
+        """The source is readable: move what it has towards the sink."""
         if not self.open:
             return  # an event polled before the flow stopped
         try:
-            count = self.read()
+            count = self.splice_in() if self.splicing else self.copy_in()
         except BlockingIOError:
             return
         except OSError as e:
             self.splice.lost(self.source, Failure(ConnectionLost(e.strerror)))
             return
         if count:
-            self.pending += count
             self.splice.moved(self.source.protocol, count)
             self.flush()
         else:
             self.finish()
 
-    def read(self) -> int:
-        """Move what the source has into the pipe: how many bytes, 0 at its FIN."""
-        try:
-            return os.splice(self.source.fd, self.write_fd, self.size, flags=_FLAGS)
-        except BlockingIOError:
-            if self.pending or not _at_urgent_mark(self.source.fd):
-                raise
-        # splice(2) stops for good at TCP urgent data; recv steps over it, and
-        # drops the urgent byte as the default path does (no SO_OOBINLINE).
-        data = self.source.connection.getHandle().recv(self.size)
-        os.write(self.write_fd, data)  # an empty pipe takes its capacity
+    def copy_in(self) -> int:
+        """Read into the process: how many bytes, 0 at the source's FIN."""
+        data = self.source.socket.recv(COPY_SIZE)
+        self.unsent = data
+        self.splicing = len(data) == COPY_SIZE
         return len(data)
 
+    def splice_in(self) -> int:
+        """Move what the source has into a pipe: how many bytes, 0 at its FIN."""
+        try:
+            pipe = self.pipe = self.pipe or self.splice.pipes.take()
+        except OSError:  # no descriptor left for a pipe: copy instead
+            return self.copy_in()
+        try:
+            count = os.splice(self.source.fd, pipe.write_fd, pipe.size, flags=_FLAGS)
+        except BlockingIOError:
+            # splice(2) stops for good at TCP urgent data; recv steps over it,
+            # and drops the urgent byte as the default path does (no SO_OOBINLINE).
+            if not _at_urgent_mark(self.source.fd):
+                self.give_back()
+                raise
+            count = 0
+        if count < COPY_SIZE:
+            self.splicing = False
+            if not count:
+                self.give_back()
+                return self.copy_in()  # the FIN, or what follows the urgent mark
+        self.pending = count
+        self.piped += count
+        return count
+
     def finish(self) -> None:
-        """The source sent its FIN: pass it on after the pipe, then tell the source's protocol."""
+        """The source sent its FIN: pass it on after what is in flight, then tell the source's protocol."""
         self.stop()
         self.fin = True
         self.flush()
@@ -240,31 +327,49 @@ class _Flow:
             IHalfCloseableProtocol(self.source.protocol).readConnectionLost()
 
     def flush(self) -> None:
-        """Move the pipe into the sink; while it cannot take everything, stop reading the source."""
-        while self.pending:
-            try:
-                count = os.splice(self.read_fd, self.sink.fd, self.pending, flags=_FLAGS)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                self.splice.lost(self.sink, Failure(ConnectionLost(e.strerror)))
-                return
-            self.pending -= count
-        if self.pending:
+        """Move what is in flight into the sink; while it cannot take everything, stop reading the source."""
+        try:
+            if self.unsent:
+                sent = self.sink.socket.send(self.unsent)
+                self.unsent = self.unsent[sent:]
+            while self.pending:
+                assert self.pipe is not None
+                self.pending -= os.splice(self.pipe.read_fd, self.sink.fd, self.pending, flags=_FLAGS)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            self.splice.lost(self.sink, Failure(ConnectionLost(e.strerror)))
+            return
+        if self.unsent or self.pending:
             self.source.read(False)
             self.sink.write(True)
             return
+        self.give_back()
         self.sink.write(False)
         if self.sink.closing:
             self.splice.closed(self.sink)
         elif self.fin:
             self.fin = False
             try:
-                self.sink.connection.getHandle().shutdown(socket.SHUT_WR)
+                self.sink.socket.shutdown(socket.SHUT_WR)
             except OSError:
                 pass  # the reset, if any, surfaces on the next read
         elif self.open:
             self.source.read(True)
+
+    def give_back(self) -> None:
+        """Return the pipe to the pool once it is empty."""
+        if self.pipe is not None and not self.pending:
+            self.splice.pipes.give(self.pipe)
+            self.pipe = None
+
+    def drop(self) -> None:
+        """Forget what is in flight (its sink is gone); a pipe with bytes in it is closed."""
+        self.unsent = b""
+        if self.pipe is not None and self.pending:
+            self.pipe.close()
+            self.pipe, self.pending = None, 0
+        self.give_back()
 
     def stop(self) -> None:
         """Never read the source again."""
@@ -274,13 +379,3 @@ class _Flow:
 
 def _at_urgent_mark(fd: int) -> bool:
     return fcntl.ioctl(fd, _SIOCATMARK, b"\0\0\0\0") != b"\0\0\0\0"
-
-
-def _pipe() -> tuple[int, int, int]:
-    """A non-blocking pipe, enlarged if the kernel allows: (read fd, write fd, capacity)."""
-    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        size = fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:  # above pipe-max-size, or the user's pipe budget is spent
-        size = fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ)
-    return read_fd, write_fd, size

@@ -32,7 +32,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Callable
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPullProducer, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import LogLevel
@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from . import events, splice
 from .config import RouteConfig, join_host_port
-from .dial import Dial, resolve
+from .dial import Dial, is_ip_literal, resolve
 from .events import RouteEvents, Throttle
 from .hooks import NO_HOOKS, ConnectionContext, Hooks
 from .proxyproto import PP2_TYPE_UNIQUE_ID, build_v1, build_v2, unify_families
@@ -244,6 +244,9 @@ class Pair:
     def start_resolve(self) -> None:
         self.state = State.DIALING
         route = self.factory.route
+        if is_ip_literal(route.host):  # no Deferred on the common path
+            self.start_dial([route.host])
+            return
         resolve(self.factory.reactor, route.host, route.family).addCallbacks(
             self.start_dial, self.dial_failed
         )
@@ -283,7 +286,7 @@ class Pair:
         if sockets is None:
             self.relay(first)
         else:
-            self.splice_after(first, sockets)
+            self.start_splice(first, sockets)
         if self.factory.route.idle_timeout and not self.client.eof:
             self.arm_timer(self.factory.route.idle_timeout, "idle timeout")
 
@@ -310,30 +313,11 @@ class Pair:
         client, target = splice.socket_connection(self.client), splice.socket_connection(self.target)
         return None if client is None or target is None else (client, target)
 
-    def splice_after(self, first: list[bytes], sockets: tuple[tcp.Connection, tcp.Connection]) -> None:
-        """Read neither side while C{first} goes out, then splice."""
-        assert self.target is not None
-        if not self.client_paused:
-            self.client_paused = True
-            self.client.transport.pauseProducing()
-        upstream = self.target.transport
-        upstream.pauseProducing()
-        if first:
-            upstream.registerProducer(_Preamble(upstream, first, lambda: self.start_splice(sockets)), False)
-        else:
-            self.start_splice(sockets)
-
-    def start_splice(self, sockets: tuple[tcp.Connection, tcp.Connection]) -> None:
-        assert self.target is not None
-        try:
-            engine = splice.Splice(self.factory.reactor, *sockets, self.spliced_bytes)
-        except OSError:  # no descriptors left for the pipes: relay the usual way
-            self.target.transport.resumeProducing()
-            self.relay([])
-            return
-        engine.start()
-        self.splice = engine
-        self.factory.events.debug("spliced", conn=self.id, client=self.peer, pipe_size=engine.pipe_size)
+    def start_splice(self, first: list[bytes], sockets: tuple[tcp.Connection, tcp.Connection]) -> None:
+        """Hand both sockets to the splice engine, which writes C{first} to the target first."""
+        self.splice = splice.Splice(self.factory.reactor, *sockets, self.spliced_bytes, preamble=b"".join(first))
+        self.splice.start()
+        self.factory.events.debug("spliced", conn=self.id, client=self.peer)
 
     def spliced_bytes(self, side: Side, count: int) -> None:
         """What C{Side.dataReceived} counts and times on the other path."""
@@ -520,31 +504,6 @@ def splicing(route: RouteConfig, hooks: Hooks) -> bool:
             raise ValueError(f"route {route.name!r}: splice: true leaves nothing for its on_read hook to see")
         return False
     return splice.AVAILABLE
-
-
-@implementer(IPullProducer)
-class _Preamble:
-    """
-    Writes what must reach the target before splicing, then calls C{then}:
-    a transport asks its pull producer for more exactly when its write buffer
-    has drained.
-    """
-
-    def __init__(self, transport: ITCPTransport, chunks: list[bytes], then: Callable[[], None]) -> None:
-        self.transport = transport
-        self.chunks = chunks
-        self.then = then
-
-    def resumeProducing(self) -> None:
-        if self.chunks:
-            self.transport.writeSequence(self.chunks)
-            self.chunks = []
-        else:
-            self.transport.unregisterProducer()
-            self.then()
-
-    def stopProducing(self) -> None:
-        """The target was lost first: the pair hears of it from its side."""
 
 
 def _nothing() -> None:

@@ -47,7 +47,7 @@ def test_defaults_and_overrides() -> None:
     assert (ssh.bind, ssh.listen_port, ssh.host, ssh.target_port) == ("0.0.0.0", 2222, "10.0.0.5", 22)
     assert (ssh.connect_timeout, ssh.retries, ssh.idle_timeout) == (0.25, 3, 90.0)
     assert (db.bind, db.host, db.listen_port, db.retries, db.backlog) == ("::", "localhost", 0, 0, 50)
-    assert ssh.half_close_timeout == 30.0 and ssh.backlog == 1024
+    assert ssh.half_close_timeout == 30.0 and ssh.backlog == 4096
     assert (dns.protocol, dns.listen_port, dns.target_port) == ("udp", 0, 53)
     assert ssh.listen == "0.0.0.0:2222" and db.listen == "[::]:0"
     assert config.shutdown_timeout == 10.0
