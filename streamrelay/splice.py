@@ -24,7 +24,7 @@ socket and tells the protocol, as if Twisted had relayed the bytes itself:
 
     the source's FIN        → protocol.readConnectionLost(); the FIN is passed on once nothing is in flight
     a socket error          → connectionLost(ConnectionLost) at once ("reset")
-    L{Splice.close}         → connectionLost(ConnectionDone) a turn after nothing is in flight towards it
+    L{Splice.close}         → connectionLost(ConnectionDone) once nothing is in flight towards it
     L{Splice.abort}         → abortConnection() (a reset), dropping what was in flight towards it
 """
 
@@ -177,9 +177,9 @@ class Splice:
             end.connection.abortConnection()
 
     def closed(self, end: _End) -> None:
-        """C{end} is closing and nothing is in flight towards it: an orderly close, next turn."""
+        """C{end} is closing and nothing is in flight towards it: an orderly close."""
         self.release(end)
-        self.reactor.callLater(0, end.connection.connectionLost, Failure(ConnectionDone()))
+        end.connection.connectionLost(Failure(ConnectionDone()))
 
     def lost(self, end: _End, reason: Failure) -> None:
         """C{end}'s socket failed: tell its protocol now, as the reactor would."""

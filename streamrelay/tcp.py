@@ -361,7 +361,7 @@ class Pair:
         if self.state is State.CLOSED:
             return
         if not self.reason:
-            how = "closed" if reason.check(ConnectionDone) else "reset"
+            how = "closed" if isinstance(reason.value, ConnectionDone) else "reset"
             self.reason = f"{side.name} {how}"
         if self.target is None:
             self.state = State.CLOSED

@@ -6,9 +6,12 @@ configuration and the log formats, each run as a real process.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.harness import TWISTD, Relay, Target, connect, poll, recv_exactly, write_config
 
@@ -69,16 +72,22 @@ def test_example_config_starts(tmp_path: Path) -> None:
         assert relay.ports["ssh"] == 2222
 
 
-def test_text_log_is_readable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("observer", ["twistd", "text_observer"])
+def test_text_log_is_readable(tmp_path: Path, observer: str) -> None:
+    """twistd's own log file, and the same lines from C{streamrelay.events.text_observer}."""
     with Target() as target:
         config = write_config(
             tmp_path,
             f"routes:\n  echo: {{scheme: tcp4, bind: 127.0.0.1, host: 127.0.0.1, port: ':{target.port}'}}\n",
         )
         log = tmp_path / "text.log"
+        if observer == "twistd":
+            logging, stdout = ["--logfile", str(log)], None
+        else:
+            logging, stdout = ["--logger=streamrelay.events.text_observer"], log.open("w")
         process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logfile", str(log), "streamrelay", "--config", str(config)],
-            cwd=tmp_path,
+            [TWISTD, "-n", "--pidfile=", *logging, "streamrelay", "--config", str(config)],
+            cwd=tmp_path, stdout=stdout,
         )
         try:
             line = poll(lambda: next((l for l in _lines(log) if "listening on" in l), None))
@@ -88,6 +97,9 @@ def test_text_log_is_readable(tmp_path: Path) -> None:
                 assert recv_exactly(sock, 1) == b"x"
             closed = poll(lambda: next((l for l in _lines(log) if "closed (done)" in l), None))
             assert "1 bytes up, 1 bytes down" in closed and "[streamrelay#info] route echo: #" in closed
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[streamrelay#info\] route echo: .*", closed)
         finally:
             process.terminate()
             process.wait(15)
+            if stdout is not None:
+                stdout.close()

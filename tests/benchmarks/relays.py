@@ -14,7 +14,6 @@ on with the others.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from abc import ABC, abstractmethod
@@ -130,8 +129,9 @@ class Direct(Relay):
 
 class StreamRelay(Relay):
     """
-    streamrelay, through C{twistd -n streamrelay} with its JSON logger (so
-    the default C{info} level writes one C{closed} event per connection).
+    streamrelay, through C{twistd -n streamrelay} logging as the units in
+    C{etc/} do (C{text_observer} at the default C{info} level: one C{closed}
+    line per connection).
 
     C{route_fields} are added to every TCP route (C{splice}, C{reuse_port});
     C{top_level} to the file (C{acl}); C{processes} copies share the ports
@@ -190,7 +190,7 @@ class StreamRelay(Relay):
         for index in range(self.processes):
             process = start(
                 f"{self.name}-{index}",
-                [twistd, "-n", "--pidfile=", "--logger=streamrelay.events.json_observer",
+                [twistd, "-n", "--pidfile=", "--logger=streamrelay.events.text_observer",
                  "streamrelay", "--config", str(path)],
                 context.cpus.relay, context.workdir,
                 env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
@@ -218,13 +218,10 @@ def source_digest() -> str:
 
 def _started_routes(process: Process) -> int:
     """How many C{start} events the relay has logged."""
-    count = 0
-    for line in process.stdout_path.read_text(errors="replace").splitlines():
-        try:
-            count += json.loads(line).get("action") == "start"
-        except ValueError:
-            continue
-    return count
+    return sum(
+        "[streamrelay#info] route " in line and " listening on " in line
+        for line in process.stdout_path.read_text(errors="replace").splitlines()
+    )
 
 
 class PortForward(Relay):
