@@ -16,7 +16,8 @@ shutdown; its socket is closed and its table entry removed at the same time.
 
 The per-datagram path is two counter increments and one system call each
 way.  It calls the sockets' own C{send}/C{sendto} rather than
-C{transport.write}, which re-validates the address of every datagram, and it
+C{transport.write}, which re-validates the address of every datagram; a
+session's socket reads one reply per readiness event (L{SessionPort}); and it
 keeps no timestamps: the sweep notices activity by comparing counters.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import errno
 from typing import Any, Callable
 
+from twisted.internet import udp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
@@ -36,7 +38,7 @@ from .dial import resolve
 from .events import RouteEvents, Throttle
 from .tcp import HOLD_LIMIT, describe
 
-__all__ = ["MAX_DATAGRAM", "DatagramRelay", "Session"]
+__all__ = ["MAX_DATAGRAM", "DatagramRelay", "Session", "SessionPort"]
 
 #: Read size of every socket: the largest UDP payload (65,507 bytes over
 #: IPv4, 65,527 over IPv6) fits, so nothing is truncated.  Twisted's default
@@ -121,7 +123,8 @@ class Session(DatagramProtocol):
         address = addresses[relay.unreachable % len(addresses)]
         wildcard = "::" if ":" in address else "0.0.0.0"
         try:
-            port = relay.reactor.listenUDP(0, self, interface=wildcard, maxPacketSize=MAX_DATAGRAM)
+            port = SessionPort(0, self, wildcard, MAX_DATAGRAM, relay.reactor)
+            port.startListening()
         except CannotListenError as e:
             self.close(f"no socket: {e.socketError}")
             return
@@ -182,6 +185,27 @@ class Session(DatagramProtocol):
         )
         port = self.transport
         return port.stopListening() if port is not None else None
+
+
+class SessionPort(udp.Port):
+    """
+    A session's socket.  Replies come one at a time, so Twisted's read loop,
+    which reads until the socket has nothing left, would spend a failed
+    C{recvfrom} (and an exception) on almost every reply; this reads one
+    datagram per readiness event (epoll is level-triggered: it reports the
+    socket again while more are queued), with C{recv}, as the socket is
+    connected.
+    """
+
+    def doRead(self) -> None:
+        try:
+            data = self.socket.recv(self.maxPacketSize)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionRefusedError:
+            self.protocol.connectionRefused()
+            return
+        self.protocol.datagramReceived(data, self._connectedAddr)
 
 
 class DatagramRelay(DatagramProtocol):
