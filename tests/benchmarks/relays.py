@@ -135,7 +135,8 @@ class StreamRelay(Relay):
 
     C{route_fields} are added to every TCP route (C{splice}, C{reuse_port});
     C{top_level} to the file (C{acl}); C{processes} copies share the ports
-    (needs C{reuse_port}).  A refused config raises L{Skipped} with
+    (needs C{reuse_port}), one on each CPU in turn: the second shares the
+    load generator's CPU, as it would share a 2-core machine with anything.  A refused config raises L{Skipped} with
     C{refusal} and the relay's message.
     """
 
@@ -192,7 +193,7 @@ class StreamRelay(Relay):
                 f"{self.name}-{index}",
                 [twistd, "-n", "--pidfile=", "--logger=streamrelay.events.text_observer",
                  "streamrelay", "--config", str(path)],
-                context.cpus.relay, context.workdir,
+                (context.cpus.relay, context.cpus.load)[index % 2], context.workdir,
                 env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
             )
             processes.append(process)
