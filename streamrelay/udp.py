@@ -133,6 +133,7 @@ class Session(DatagramProtocol):
         except OSError as e:
             self.close(f"target unreachable: {e.strerror}")
             return
+        port.discard_strangers()
         self.send = port.getHandle().send
         relay.events.debug("session-open", client=join_host_port(*self.client), via=describe(port.getHost()))
         held, self.held, self.held_size = self.held, [], 0
@@ -206,6 +207,20 @@ class SessionPort(udp.Port):
             self.protocol.connectionRefused()
             return
         self.protocol.datagramReceived(data, self._connectedAddr)
+
+    def discard_strangers(self) -> int:
+        """
+        Drop what reached the socket between its bind and its connect: the
+        target has been sent nothing yet, so none of it is a reply, and the
+        kernel keeps such datagrams queued after the connect.  How many.
+        """
+        dropped = 0
+        while True:
+            try:
+                self.socket.recv(1)
+            except OSError:  # EAGAIN once empty; an ICMP error shows again on send
+                return dropped
+            dropped += 1
 
 
 class DatagramRelay(DatagramProtocol):

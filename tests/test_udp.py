@@ -6,6 +6,7 @@ fields' validation.
 
 from __future__ import annotations
 
+import select
 import signal
 import socket
 import threading
@@ -13,8 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from twisted.internet import reactor
+from twisted.internet.protocol import DatagramProtocol
+from twisted.trial.unittest import TestCase
 
 from streamrelay.config import ConfigError, parse_config
+from streamrelay.udp import MAX_DATAGRAM, SessionPort
 from tests.harness import DEADLINE, Relay, poll, run_twistd, write_config
 
 
@@ -366,3 +371,33 @@ def test_acl_denies_sources_before_they_get_a_session(tmp_path) -> None:
             finally:
                 for sock in sockets.values():
                     sock.close()
+
+
+class SessionPortTests(TestCase):
+    """The session's socket alone, in-process, on real loopback sockets."""
+
+    def test_datagrams_from_strangers_before_the_connect_are_dropped(self) -> None:
+        received: list[bytes] = []
+        protocol = DatagramProtocol()
+        protocol.datagramReceived = lambda data, addr: received.append(data)  # type: ignore[method-assign]
+        port = SessionPort(0, protocol, "127.0.0.1", MAX_DATAGRAM, reactor)
+        port.startListening()
+        self.addCleanup(port.stopListening)
+        stranger, target = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+        for sock in (stranger, target):
+            self.addCleanup(sock.close)
+            sock.bind(("127.0.0.1", 0))
+        address = ("127.0.0.1", port.getHost().port)
+        for i in range(3):
+            stranger.sendto(b"spoofed %d" % i, address)
+        readable(port.getHandle())
+        port.connect(*target.getsockname())
+        self.assertEqual(port.discard_strangers(), 3)
+        target.sendto(b"reply", address)
+        readable(port.getHandle())
+        port.doRead()  # what the reactor calls once the socket is readable
+        self.assertEqual(received, [b"reply"])
+
+
+def readable(sock: socket.socket) -> None:
+    assert select.select([sock], [], [], DEADLINE)[0], "nothing arrived"
