@@ -90,7 +90,7 @@ class LineObserver:
     observers work out the time zone and format the time for every event,
     which costs more than the rest of a short connection's logging; this
     formats the time once a second and takes the text of streamrelay's own
-    events as they were formatted at emit.
+    events as it was formatted at emit (C{log_text}).
     """
 
     def __init__(self, stream: IO[str], line: Callable[[str, dict[str, Any]], str]) -> None:
@@ -109,9 +109,8 @@ class LineObserver:
 
 
 def _event_text(event: dict[str, Any]) -> str:
-    if event.get("log_namespace") == "streamrelay":
-        text = event["log_format"].replace("{{", "{").replace("}}", "}")
-    else:
+    text = event.get("log_text")
+    if text is None:
         text = formatEvent(event)
     failure = event.get("log_failure")
     return text if failure is None else f"{text}\n{failure.getTraceback().rstrip()}"
@@ -143,16 +142,17 @@ def _json_line(stamp: str, event: dict[str, Any]) -> str:
 def emit(level: LogLevel, action: str, **fields: Any) -> None:
     """An event that belongs to no route (process-wide)."""
     if level in _enabled:
-        _log.emit(level, _text(action, fields), action=action, **fields)
+        _emit(level, action, fields)
 
 
-def _text(action: str, fields: dict[str, Any]) -> str:
+def _emit(level: LogLevel, action: str, fields: dict[str, Any]) -> None:
     """
-    The event's text, formatted now with C{str.format} and escaped so that
-    observers find no fields left to fill: C{twisted.logger}'s own formatter
-    is pure Python and cost more than the rest of a short connection.
+    Emit with the text formatted now, by C{str.format}, into C{log_text}:
+    C{twisted.logger}'s own formatter is pure Python and cost more than the
+    rest of a short connection, and the format C{"{log_text}"} leaves it
+    nothing to parse.
     """
-    return FORMATS[action].format(**fields).replace("{", "{{").replace("}", "}}")
+    _log.emit(level, "{log_text}", log_text=FORMATS[action].format(**fields), action=action, **fields)
 
 
 class RouteEvents:
@@ -174,7 +174,7 @@ class RouteEvents:
 
     def emit(self, level: LogLevel, action: str, **fields: Any) -> None:
         if level in _enabled:
-            _log.emit(level, _text(action, {**self.fields, **fields}), action=action, **self.fields, **fields)
+            _emit(level, action, {**self.fields, **fields})
 
     def debug(self, action: str, **fields: Any) -> None:
         self.emit(LogLevel.debug, action, **fields)

@@ -196,8 +196,7 @@ class Splice:
         end.incoming.stop()
         end.incoming.drop()  # nowhere to go any more
         if all(other.released for other in self.ends.values()):
-            for flow in (end.incoming, end.outgoing):
-                flow.drop()
+            end.outgoing.drop()  # the other end's incoming flow: its pipe goes back too
             self.pipes.detach()
 
 

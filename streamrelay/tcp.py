@@ -18,10 +18,11 @@ bounded whatever the speeds.  A FIN is passed on as a FIN (half-close), and a
 half-closed pair that stays silent for C{half_close_timeout} is aborted.
 
 On routes that splice, a pair whose sockets are plain TCP takes the other
-path once the target connects: neither side is read, the PROXY header and the
-held bytes are written, and once they have drained both sockets are handed to
-L{streamrelay.splice} (zero-copy), which reports bytes, FINs and losses back
-in the same terms, so counters, timers and states work alike on both paths.
+path once the target connects: both sockets are handed to
+L{streamrelay.splice}, which writes the PROXY header and the held bytes
+first, then relays outside Twisted's transports and reports bytes, FINs and
+losses back in the same terms, so counters, timers and states work alike on
+both paths.
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ class Pair:
             return  # passed on when the target connects
         other = self.target if side is self.client else self.client
         assert other is not None
-        if self.splice is None:  # spliced, the FIN follows once the pipe is drained
+        if self.splice is None:  # spliced, the FIN follows what is in flight
             other.transport.unregisterProducer()
             other.transport.loseWriteConnection()
         if other.eof:
