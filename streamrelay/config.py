@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Union
 import yaml
 
 from .acl import AccessList, AclError
+from .addresses import join_host_port, unmapped
 
 __all__ = ["Config", "ConfigError", "RouteConfig", "load_config", "parse_config"]
 
@@ -231,9 +232,7 @@ class ProxyProtocolConfig:
 
     def trusts(self, host: str) -> bool:
         """Whether the socket peer C{host} may send a header."""
-        address = ipaddress.ip_address(host.partition("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
+        address = unmapped(host)
         return any(address in network for network in self.trusted_proxies)
 
 
@@ -249,8 +248,10 @@ class RouteConfig:
     target_port: int
     connect_timeout: float = 5.0
     retries: int = 1
+    dial_timeout: float = 0.0  # 0: connect_timeout × (retries + 1), see budget
     idle_timeout: float = 0.0
     half_close_timeout: float = 30.0
+    close_timeout: float = 10.0
     backlog: int = 4096
     proxy_protocol: ProxyProtocolConfig = ProxyProtocolConfig()
     relay_proxy_protocol_header: bool = False
@@ -276,6 +277,16 @@ class RouteConfig:
         return int(self.scheme[3:]) if len(self.scheme) > 3 else None
 
     @property
+    def dial_budget(self) -> float:
+        """
+        How long a connection may spend from its accept to its target's
+        connect (access checks, the C{pre_dial} hook, name resolution and
+        every dial attempt): C{dial_timeout}, or by default
+        C{connect_timeout × (retries + 1)}.
+        """
+        return self.dial_timeout or self.connect_timeout * (self.retries + 1)
+
+    @property
     def listen(self) -> str:
         """The configured listening address, as C{host:port}."""
         return join_host_port(self.bind, self.listen_port)
@@ -295,11 +306,6 @@ class Config:
     shutdown_timeout: float = 10.0
 
 
-def join_host_port(host: str, port: int) -> str:
-    """C{host:port}, with IPv6 literals in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 @dataclass(frozen=True)
 class _Tunable:
     """A route field that C{defaults} may also set."""
@@ -315,8 +321,10 @@ _UDP = frozenset({"udp"})
 TUNABLES: Mapping[str, _Tunable] = {
     "connect_timeout": _Tunable(parse_duration, _TCP),
     "retries": _Tunable(_integer(0, 100), _TCP),
+    "dial_timeout": _Tunable(_positive_duration, _TCP),
     "idle_timeout": _Tunable(parse_duration, _TCP),
     "half_close_timeout": _Tunable(parse_duration, _TCP),
+    "close_timeout": _Tunable(_positive_duration, _TCP),
     "backlog": _Tunable(_integer(1, 65535), _TCP),
     "relay_proxy_protocol_header": _Tunable(_boolean, _TCP),
     "proxy_protocol_version": _Tunable(_choice(1, 2), _TCP),

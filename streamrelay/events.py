@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from .config import RouteConfig
 
-__all__ = ["RouteEvents", "json_observer", "set_log_level", "text_observer"]
+__all__ = ["RefusalLog", "RouteEvents", "Throttle", "json_observer", "set_log_level", "text_observer"]
 
 _log = Logger(namespace="streamrelay")
 
@@ -207,3 +207,30 @@ class Throttle:
         self.next_time = now + self.period
         suppressed, self.suppressed = self.suppressed, 0
         return suppressed
+
+
+class RefusalLog:
+    """
+    Counts a route's refusals by kind (the event's action: C{denied},
+    C{limited}, C{refused}, C{rejected}) and logs each kind at most once a
+    period, with how many of that kind were held back: a flood of one kind
+    neither hides another nor mixes its count into another's.
+    """
+
+    __slots__ = ("events", "reactor", "counts", "throttles")
+
+    def __init__(self, events: RouteEvents, reactor: Any) -> None:
+        self.events = events
+        self.reactor = reactor
+        self.counts: dict[str, int] = {}
+        self.throttles: dict[str, Throttle] = {}
+
+    def refuse(self, kind: str, **fields: Any) -> None:
+        """Count one refusal of C{kind}, and log it unless its throttle holds it back."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        throttle = self.throttles.get(kind)
+        if throttle is None:
+            throttle = self.throttles[kind] = Throttle(self.reactor)
+        suppressed = throttle.allow()
+        if suppressed is not None:
+            self.events.warn(kind, suppressed=suppressed, **fields)

@@ -25,10 +25,11 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import LogLevel
 
 from . import events
-from .config import Config, RouteConfig, join_host_port
-from .events import RouteEvents
+from .addresses import join_host_port
+from .config import Config, RouteConfig
+from .events import RefusalLog, RouteEvents
 from .hooks import NO_HOOKS, Hooks, hooks_for
-from .proxyproto.wrapper import ProxyHeaderFactory
+from .inbound import ProxyHeaderFactory
 from .tcp import RelayFactory
 from .udp import MAX_DATAGRAM, DatagramRelay
 
@@ -54,6 +55,7 @@ class _ListeningService(Service):
         self.route = route
         self.reactor = reactor
         self.events = RouteEvents(route)
+        self.refusals = RefusalLog(self.events, reactor)
         self.port: IListeningPort | None = None
 
     def listen(self) -> IListeningPort:
@@ -97,11 +99,13 @@ class RouteService(_ListeningService):
     def __init__(self, route: RouteConfig, shutdown_timeout: float, reactor: Any, hooks: Hooks = NO_HOOKS) -> None:
         super().__init__(route, reactor)
         self.shutdown_timeout = shutdown_timeout
-        self.factory = RelayFactory(route, self.events, reactor, hooks)
+        self.factory = RelayFactory(route, self.events, self.refusals, reactor, hooks)
         self.header_factory: ProxyHeaderFactory | None = None
         self.listening_factory: ServerFactory = self.factory
         if route.proxy_protocol.mode != "disabled":
-            self.header_factory = ProxyHeaderFactory(self.factory, route.proxy_protocol, self.events, reactor)
+            self.header_factory = ProxyHeaderFactory(
+                self.factory, route.proxy_protocol, self.events, self.refusals, reactor
+            )
             self.listening_factory = self.header_factory
         self.accepting_paused = False
         if route.max_connections:
@@ -167,9 +171,9 @@ class RouteService(_ListeningService):
 class UDPRouteService(_ListeningService):
     """A UDP route: its listening socket and the sessions it relays."""
 
-    def __init__(self, route: RouteConfig, reactor: Any) -> None:
+    def __init__(self, route: RouteConfig, reactor: Any, hooks: Hooks = NO_HOOKS) -> None:
         super().__init__(route, reactor)
-        self.relay = DatagramRelay(route, self.events, reactor)
+        self.relay = DatagramRelay(route, self.events, self.refusals, reactor, hooks)
 
     def listen(self) -> IListeningPort:
         route = self.route
@@ -217,7 +221,7 @@ class RelayService(MultiService):
             if route.protocol == "tcp":
                 service = RouteService(route, config.shutdown_timeout, reactor, hooks_for(hooks, route.name))
             else:
-                service = UDPRouteService(route, reactor)
+                service = UDPRouteService(route, reactor, hooks_for(hooks, route.name))
             service.setServiceParent(self)
 
     def privilegedStartService(self) -> None:

@@ -41,7 +41,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import events, splice
-from .config import RouteConfig, join_host_port
+from .addresses import HOLD_LIMIT, describe
+from .config import RouteConfig
 from .dial import Dial, is_ip_literal, resolve
 from .events import RouteEvents, Throttle
 from .hooks import NO_HOOKS, ConnectionContext, Hooks
@@ -51,11 +52,7 @@ if TYPE_CHECKING:
     from twisted.internet import tcp
     from twisted.internet.interfaces import IAddress
 
-__all__ = ["HOLD_LIMIT", "Pair", "RelayFactory", "Side", "State"]
-
-#: Bytes held from a client while its target is being dialed before reading
-#: from it pauses (Twisted's own read size and write-buffer threshold).
-HOLD_LIMIT = 65536
+__all__ = ["Pair", "RelayFactory", "Side", "State"]
 
 _connection_ids = itertools.count(1)
 #: Makes PROXY v2 unique ids differ across relay restarts and processes.
@@ -68,11 +65,6 @@ class State(Enum):
     RELAYING = "relaying"
     HALF_CLOSED = "half-closed"
     CLOSED = "closed"
-
-
-def describe(address: IAddress) -> str:
-    """C{host:port} of a socket address."""
-    return join_host_port(address.host, address.port)  # type: ignore[attr-defined]
 
 
 @implementer(IHalfCloseableProtocol)

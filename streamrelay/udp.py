@@ -26,19 +26,19 @@ from __future__ import annotations
 import errno
 from typing import Any, Callable
 
-from twisted.internet import udp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from .config import RouteConfig, join_host_port
+from .addresses import HOLD_LIMIT, describe, join_host_port
+from .compat import SessionPort
+from .config import RouteConfig
 from .dial import resolve
 from .events import RouteEvents, Throttle
-from .tcp import HOLD_LIMIT, describe
 
-__all__ = ["MAX_DATAGRAM", "DatagramRelay", "Session", "SessionPort"]
+__all__ = ["MAX_DATAGRAM", "DatagramRelay", "Session"]
 
 #: Read size of every socket: the largest UDP payload (65,507 bytes over
 #: IPv4, 65,527 over IPv6) fits, so nothing is truncated.  Twisted's default
@@ -186,41 +186,6 @@ class Session(DatagramProtocol):
         )
         port = self.transport
         return port.stopListening() if port is not None else None
-
-
-class SessionPort(udp.Port):
-    """
-    A session's socket.  Replies come one at a time, so Twisted's read loop,
-    which reads until the socket has nothing left, would spend a failed
-    C{recvfrom} (and an exception) on almost every reply; this reads one
-    datagram per readiness event (epoll is level-triggered: it reports the
-    socket again while more are queued), with C{recv}, as the socket is
-    connected.
-    """
-
-    def doRead(self) -> None:
-        try:
-            data = self.socket.recv(self.maxPacketSize)
-        except (BlockingIOError, InterruptedError):
-            return
-        except ConnectionRefusedError:
-            self.protocol.connectionRefused()
-            return
-        self.protocol.datagramReceived(data, self._connectedAddr)
-
-    def discard_strangers(self) -> int:
-        """
-        Drop what reached the socket between its bind and its connect: the
-        target has been sent nothing yet, so none of it is a reply, and the
-        kernel keeps such datagrams queued after the connect.  How many.
-        """
-        dropped = 0
-        while True:
-            try:
-                self.socket.recv(1)
-            except OSError:  # EAGAIN once empty; an ICMP error shows again on send
-                return dropped
-            dropped += 1
 
 
 class DatagramRelay(DatagramProtocol):

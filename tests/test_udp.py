@@ -19,7 +19,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import TestCase
 
 from streamrelay.config import ConfigError, parse_config
-from streamrelay.udp import MAX_DATAGRAM, SessionPort
+from streamrelay.compat import SessionPort
+from streamrelay.udp import MAX_DATAGRAM
 from tests.harness import DEADLINE, Relay, poll, run_twistd, write_config
 
 

@@ -23,11 +23,11 @@ from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import directlyProvides, implementer, providedBy
 
-from ..config import ProxyProtocolConfig
-from ..events import RouteEvents
-from .exceptions import InvalidProxyHeader
-from .info import ProxyInfo
-from .parser import Detection, detect, parse
+from .config import ProxyProtocolConfig
+from .events import RouteEvents
+from .proxyproto.exceptions import InvalidProxyHeader
+from .proxyproto.info import ProxyInfo
+from .proxyproto.parser import Detection, detect, parse
 
 __all__ = ["Expect", "ProxyHeaderFactory", "ProxyHeaderProtocol", "expectation"]
 

@@ -1,0 +1,39 @@
+"""
+Socket addresses as the relay writes and compares them, in one place: the
+C{host:port} text of every log line, the IPv4 form of a v4-mapped IPv6
+host, and how much a client may send before its target is there to take it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+__all__ = ["HOLD_LIMIT", "describe", "join_host_port", "unmapped"]
+
+#: Bytes held from a client while its target is being reached, before
+#: reading from it pauses (TCP) or its datagrams are dropped (UDP): Twisted's
+#: own read size and write-buffer threshold.
+HOLD_LIMIT = 65536
+
+
+def join_host_port(host: str, port: int) -> str:
+    """C{host:port}, with IPv6 literals in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe(address: Any) -> str:
+    """C{host:port} of a Twisted IPv4Address or IPv6Address."""
+    return join_host_port(address.host, address.port)
+
+
+def unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """
+    The address of C{host}, with C{::ffff:a.b.c.d} (an IPv4 client of a
+    dual-stack socket) turned into C{a.b.c.d} and any C{%zone} dropped, so
+    that rules written for IPv4 apply to it.
+    """
+    address = ipaddress.ip_address(host.partition("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

@@ -1,0 +1,107 @@
+"""
+Every use of a Twisted internal, in one place.
+
+Twisted's public API stops short of three things the relay needs: accepting
+no more connections than a limit leaves room for, handing a socket back to
+its transport after the splice engine relayed it, and reading one datagram
+per readiness event on a connected UDP socket.  Each is done here, against
+attributes Twisted does not promise to keep; C{tests/test_compat.py} pins
+each one, so a Twisted upgrade that changes them fails loudly there instead
+of quietly somewhere on the relay path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import tcp, udp
+from twisted.internet.interfaces import IProtocol, IReactorTCP
+from twisted.python.failure import Failure
+
+__all__ = ["LimitedPort", "SessionPort", "hand_back", "listen_limited", "swap_protocol"]
+
+
+class LimitedPort(tcp.Port):
+    """
+    A listening port that accepts no more connections than C{room()} allows.
+
+    C{tcp.Port.doRead} accepts up to C{numberAccepts} connections in one go
+    (a number it grows under load), so pausing the port once a limit is
+    reached comes too late for the rest of that batch.  Capping
+    C{numberAccepts} before each batch leaves the connections beyond the
+    limit in the kernel's backlog, where they wait for a free place.
+    """
+
+    room: Callable[[], int] = staticmethod(lambda: 1 << 30)  # type: ignore[assignment]
+
+    def doRead(self) -> None:
+        room = self.room()
+        if room <= 0:
+            self.stopReading()
+            return
+        if self.numberAccepts > room:
+            self.numberAccepts = room
+        super().doRead()
+
+
+def listen_limited(reactor: IReactorTCP, port: Any, factory: Any, room: Callable[[], int],
+                   backlog: int, interface: str) -> LimitedPort:
+    """What C{reactor.listenTCP} does, with a L{LimitedPort}."""
+    listening = LimitedPort(port, factory, backlog, interface, reactor)
+    listening.room = room  # type: ignore[method-assign]
+    listening.startListening()
+    return listening
+
+
+def hand_back(connection: tcp.Connection, reason: Failure) -> None:
+    """
+    End a TCP connection whose socket the relay drove itself, as the reactor
+    would: C{tcp.Connection.connectionLost} closes the socket and tells the
+    protocol (or its half-close methods' owner) why.
+    """
+    connection.connectionLost(reason)
+
+
+def swap_protocol(transport: Any, protocol: IProtocol) -> None:
+    """
+    Deliver C{transport}'s events to C{protocol} from now on: how a wrapper
+    that has done its job (an inbound PROXY header read) steps out of the
+    data path.  Twisted's TCP transports read C{protocol} on every event.
+    """
+    transport.protocol = protocol
+
+
+class SessionPort(udp.Port):
+    """
+    A connected UDP socket that reads one datagram per readiness event.
+
+    Twisted's C{udp.Port.doRead} reads until the socket is empty, so a
+    socket that receives replies one at a time would pay a failed
+    C{recvfrom} (and an exception) for nearly every one; epoll is
+    level-triggered and reports the socket again while more are queued.
+    The sender is the connected address (C{_connectedAddr}).
+    """
+
+    def doRead(self) -> None:
+        try:
+            data = self.socket.recv(self.maxPacketSize)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionRefusedError:
+            self.protocol.connectionRefused()
+            return
+        self.protocol.datagramReceived(data, self._connectedAddr)
+
+    def discard_strangers(self) -> int:
+        """
+        Drop what reached the socket between its bind and its connect: the
+        target has been sent nothing yet, so none of it is a reply, and the
+        kernel keeps such datagrams queued after the connect.  How many.
+        """
+        dropped = 0
+        while True:
+            try:
+                self.socket.recv(1)
+            except OSError:  # EAGAIN once empty; an ICMP error shows again on send
+                return dropped
+            dropped += 1
