@@ -15,16 +15,26 @@ C{getPeer}/C{getHost} with the addresses from the header.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from .addresses import describe
+from .compat import swap_protocol
 from .config import ProxyProtocolConfig
-from .events import RouteEvents
+from .events import RefusalLog, RouteEvents
 from .proxyproto.exceptions import InvalidProxyHeader
 from .proxyproto.info import ProxyInfo
 from .proxyproto.parser import Detection, detect, parse
@@ -61,9 +71,10 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     """Settles the header question for one connection, then steps aside."""
 
     factory: ProxyHeaderFactory
+    transport: ITCPTransport
 
     def __init__(self, factory: ProxyHeaderFactory) -> None:
-        super().__init__(factory, None)  # type: ignore[arg-type]
+        super().__init__(factory, None)  # type: ignore[arg-type]  # no WrappingFactory; inner built later
         self.received = b""
         self.expect = Expect.HEADER
         self.info: ProxyInfo | None = None
@@ -73,14 +84,14 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def logPrefix(self) -> str:
         return "ProxyHeader"
 
-    def makeConnection(self, transport: Any) -> None:
+    def makeConnection(self, transport: ITCPTransport) -> None:
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
 
     def connectionMade(self) -> None:
         config = self.factory.config
         peer = self.transport.getPeer()
-        self.peer = f"[{peer.host}]:{peer.port}" if ":" in peer.host else f"{peer.host}:{peer.port}"
+        self.peer = describe(peer)
         self.expect = expectation(config, peer.host)
         if self.expect is Expect.NOTHING:
             self.reject("untrusted peer: mode required accepts only trusted_proxies")
@@ -130,7 +141,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         else:
             self.settle(eof=True)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Only reached before the header question is settled."""
         self.stop_waiting()
 
@@ -143,8 +154,12 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             self.timer = None
 
     def reject(self, reason: str) -> None:
+        """
+        Reset the connection; the route's refusal log counts every rejection
+        but logs about one a second, so a flood of bad peers is no log flood.
+        """
         self.stop_waiting()
-        self.factory.events.warn("rejected", client=self.peer, reason=reason)
+        self.factory.refusals.refuse("rejected", client=self.peer, reason=reason)
         self.transport.abortConnection()
 
     def settle(self, info: ProxyInfo | None = None, length: int = 0, eof: bool = False) -> None:
@@ -154,9 +169,12 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             self.info = info
         payload, self.received = self.received[length:], b""
         inner = self.factory.wrapped.buildProtocol(self.getPeer())
+        if inner is None:  # the factory turned the connection down
+            self.transport.abortConnection()
+            return
         self.wrappedProtocol = inner
-        self.transport.protocol = inner  # out of the data path from now on
-        inner.makeConnection(self)
+        swap_protocol(self.transport, inner)  # out of the data path from now on
+        inner.makeConnection(self)  # type: ignore[arg-type]  # provides the transport's interfaces
         if payload:
             inner.dataReceived(payload)
         if eof:
@@ -164,12 +182,12 @@ class ProxyHeaderProtocol(ProtocolWrapper):
 
     # -- the transport the wrapped protocol sees
 
-    def getPeer(self) -> Any:
-        if self.info is not None:
-            return _address(self.info.source)  # type: ignore[arg-type]
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        if self.info is not None and self.info.source is not None:
+            return _address(self.info.source)
         return self.transport.getPeer()
 
-    def getHost(self) -> Any:
+    def getHost(self) -> IPv4Address | IPv6Address:
         if self.info is not None and self.info.destination is not None:
             return _address(self.info.destination)
         return self.transport.getHost()
@@ -180,16 +198,26 @@ class ProxyHeaderFactory(ServerFactory):
 
     noisy = False
 
-    def __init__(self, wrapped: Factory, config: ProxyProtocolConfig, events: RouteEvents, reactor: Any) -> None:
+    def __init__(
+        self,
+        wrapped: IProtocolFactory,
+        config: ProxyProtocolConfig,
+        events: RouteEvents,
+        refusals: RefusalLog,
+        reactor: IReactorTime,
+    ) -> None:
         self.wrapped = wrapped
         self.config = config
         self.events = events
+        self.refusals = refusals
         self.reactor = reactor
         self.pending: set[ProxyHeaderProtocol] = set()
         #: Called whenever C{pending} changes (connection limits).
         self.changed: Callable[[], None] = lambda: None
 
-    def buildProtocol(self, addr: Any) -> ProxyHeaderProtocol:
+    # Twisted's _ProtoWithFactory wants a factory attribute any Factory can be
+    # assigned to; ours is narrowed to this class.
+    def buildProtocol(self, addr: IAddress | None) -> ProxyHeaderProtocol:  # type: ignore[override]
         return ProxyHeaderProtocol(self)
 
     def close_pending(self) -> None:

@@ -118,6 +118,21 @@ def test_local_and_unknown_use_the_socket_addresses(tmp_path: Path) -> None:
                     assert target.headers[-1].source == sock.getsockname()
 
 
+def test_local_with_any_family_is_accepted(tmp_path: Path) -> None:
+    """The spec: a LOCAL header's address block is ignored, family included (HAProxy agrees)."""
+    local_unspec_stream = V2_SIGNATURE + b"\x20\x01" + struct.pack("!H", 0)
+    with HeaderTarget() as target:
+        text = "routes:\n" + route(target.port, proxy_protocol=INBOUND % "required", relay_proxy_protocol_header="true")
+        with Relay(write_config(tmp_path, text)) as relay:
+            with socket.create_connection(("127.0.0.1", relay.ports["pp"])) as sock:
+                sock.sendall(local_unspec_stream + b"health")
+                assert recv_exactly(sock, 6) == b"health"
+                peer = sock.getsockname()
+            assert target.headers[0].source == peer
+            assert relay.wait_for("closed")[0]["client"] == f"{peer[0]}:{peer[1]}"
+            assert not relay.actions("rejected")
+
+
 @pytest.mark.parametrize(
     "header, reason",
     [
@@ -162,8 +177,13 @@ def test_untrusted_peers_are_never_believed(tmp_path: Path, mode: str) -> None:
         with Relay(write_config(tmp_path, text)) as relay:
             for header in (build_v1(("10.9.9.9", 1), ("10.0.0.1", 2)), build_v2(("10.9.9.9", 1), ("10.0.0.1", 2))):
                 assert reset_after_sending(relay.ports["pp"], header + b"data")
+            relay.wait_for("rejected")
+            # Rejections are logged once a second: the next one reports the one held back.
+            time.sleep(1.1)
+            assert reset_after_sending(relay.ports["pp"], build_v1(None, None))
             rejected = relay.wait_for("rejected", count=2)
             assert all(e["client"].startswith(CLIENT) for e in rejected)
+            assert [e["suppressed"] for e in rejected] == [0, 1]
             assert target.accepted == 0
 
 

@@ -6,7 +6,7 @@ is known about it, so it is written to:
 
   - accept only what the HAProxy specification (doc/proxy-protocol.txt)
     allows, e.g. no leading zeros, no zone ids, no unassigned command or
-    family values;
+    family values (except on LOCAL, whose family the spec says to ignore);
   - fail as early as possible: a v1 line is checked field by field as each
     field is completed, and a v2 header is refused as soon as its 16-byte
     fixed part announces something invalid, so a peer can never make us
@@ -57,7 +57,8 @@ V2_FIXED_LENGTH = 16
 V2_VERSION = 0x2
 V2_COMMANDS: dict[int, Command] = {0x0: "LOCAL", 0x1: "PROXY"}
 #: Family/transport byte -> (transport, size of the address block): the
-#: combinations the spec lists as expected, except AF_UNIX.
+#: combinations the spec lists as expected, except AF_UNIX.  A LOCAL header
+#: may carry any other byte; its address block then has no known size.
 V2_FAMILIES: dict[int, tuple[Transport, int]] = {
     0x00: ("UNSPEC", 0),
     0x11: ("TCP", 12),
@@ -238,7 +239,7 @@ def _parse_v2(data: bytes, allow_udp: bool) -> tuple[ProxyInfo, int] | None:
     command = _v2_command(data[signature_length])
     if len(data) <= signature_length + 1:
         return None
-    transport, address_size = _v2_family(data[signature_length + 1], allow_udp)
+    transport, known_size = _v2_family(data[signature_length + 1], command, allow_udp)
     if len(data) < V2_FIXED_LENGTH:
         return None
 
@@ -246,6 +247,8 @@ def _parse_v2(data: bytes, allow_udp: bool) -> tuple[ProxyInfo, int] | None:
     total = V2_FIXED_LENGTH + length
     if total > MAX_V2_LENGTH:
         raise InvalidProxyHeader(f"v2: declared length {length} exceeds {MAX_V2_LENGTH - V2_FIXED_LENGTH}")
+    # An address block of unknown size takes the whole block: no TLVs.
+    address_size = length if known_size is None else known_size
     if length < address_size:
         raise InvalidProxyHeader(
             f"v2: declared length {length} is shorter than the {address_size}-byte address block"
@@ -275,12 +278,19 @@ def _v2_command(byte: int) -> Command:
     return command
 
 
-def _v2_family(byte: int, allow_udp: bool) -> tuple[Transport, int]:
+def _v2_family(byte: int, command: Command, allow_udp: bool) -> tuple[Transport, int | None]:
     """
     Decode the family/transport byte into the transport and the size of the
     address block.
+
+    A LOCAL header's family is never used (the spec: the receiver "must
+    discard the protocol block including the family", and HAProxy does), so
+    any byte is accepted there; one not listed in L{V2_FAMILIES} leaves the
+    size unknown (L{None}).
     """
     family = V2_FAMILIES.get(byte)
+    if command == "LOCAL":
+        return family or ("UNSPEC", None)
     if family is None:
         if byte >> 4 == _AF_UNIX:
             raise InvalidProxyHeader("v2: unsupported address family AF_UNIX")

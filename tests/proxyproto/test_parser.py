@@ -113,6 +113,12 @@ VALID = [
         id="v2-proxy-tcp6-ipv4-mapped",
     ),
     pytest.param(v2(0x20, 0x00), V2_LOCAL_INFO, id="v2-local-unspec"),
+    # LOCAL: the spec says to discard the address block "including the
+    # family", so a family this parser does not decode is skipped whole.
+    pytest.param(v2(0x20, 0x01), V2_LOCAL_INFO, id="v2-local-unspec-stream"),
+    pytest.param(v2(0x20, 0x41, ADDRESSES4 + tlv(0x04, b"")), V2_LOCAL_INFO, id="v2-local-unassigned-family"),
+    pytest.param(v2(0x20, 0x31, bytes(216)), V2_LOCAL_INFO, id="v2-local-unix"),
+    pytest.param(v2(0x20, 0x12, ADDRESSES4), V2_LOCAL_INFO, id="v2-local-udp-on-tcp"),
     pytest.param(v2(0x20, 0x11, ADDRESSES4), V2_LOCAL_INFO, id="v2-local-ignores-addresses"),
     pytest.param(
         v2(0x20, 0x21, ADDRESSES6 + tlv(0x04, b"")),
@@ -299,7 +305,6 @@ MALFORMED = [
     # -- v2 family and transport (go: "v2 signature with command and invalid inet family")
     pytest.param(v2(0x21, 0x31, bytes(216)), "AF_UNIX", id="v2-unix-stream"),
     pytest.param(v2(0x21, 0x32, bytes(216)), "AF_UNIX", id="v2-unix-dgram"),
-    pytest.param(v2(0x20, 0x31, bytes(216)), "AF_UNIX", id="v2-local-unix"),
     pytest.param(v2(0x21, 0x41, ADDRESSES4), "invalid address family/transport 0x41", id="v2-family-4"),
     pytest.param(v2(0x21, 0x99, ADDRESSES4), "invalid address family/transport 0x99", id="v2-go-invalid-family"),
     pytest.param(v2(0x21, 0x13, ADDRESSES4), "invalid address family/transport 0x13", id="v2-transport-3"),
@@ -315,10 +320,12 @@ MALFORMED = [
     pytest.param(v2(0x21, 0x11, length=60000), "declared length 60000 exceeds", id="v2-length-60000"),
     pytest.param(v2(0x21, 0x11, length=0xFFFF), "declared length 65535 exceeds", id="v2-length-65535"),
     pytest.param(v2(0x20, 0x00, length=MAX_V2_LENGTH - 15), "exceeds", id="v2-length-one-over"),
+    pytest.param(v2(0x20, 0x01, length=MAX_V2_LENGTH - 15), "exceeds", id="v2-local-unassigned-family-one-over"),
     # -- v2 TLVs
     pytest.param(v2(0x21, 0x11, ADDRESSES4 + b"\x04\x00"), "truncated TLV", id="v2-tlv-2-bytes"),
     pytest.param(v2(0x21, 0x11, ADDRESSES4 + b"\x04"), "truncated TLV", id="v2-tlv-1-byte"),
     pytest.param(v2(0x21, 0x00, tlv(0x04, b"abcde", length=10)), "TLV overruns", id="v2-tlv-overrun"),
+    pytest.param(v2(0x20, 0x11, ADDRESSES4 + b"\x04"), "truncated TLV", id="v2-local-tlv-1-byte"),
     pytest.param(
         v2(0x21, 0x11, ADDRESSES4 + tlv(0x04, b"") + tlv(0x02, b"x" * 7, length=8)), "TLV overruns", id="v2-last-overrun"
     ),
@@ -375,6 +382,7 @@ def test_malformed_stays_malformed(data: bytes, reason: str) -> None:
         pytest.param(b"PROXY UNKNOWN" + b"x" * (MAX_V1_LENGTH - 13), "no CRLF", id="v1-107-bytes-without-crlf"),
         pytest.param(V2_SIGNATURE + b"\x11", "unsupported version", id="v2-version"),
         pytest.param(V2_SIGNATURE + b"\x21\x31", "AF_UNIX", id="v2-family"),
+        pytest.param(V2_SIGNATURE + b"\x20\x31", None, id="v2-local-any-family-is-fine"),
         pytest.param(V2_SIGNATURE + b"\x21\x11\x00\x0b", "shorter than", id="v2-short-length"),
     ],
 )
