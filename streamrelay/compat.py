@@ -32,7 +32,7 @@ class LimitedPort(tcp.Port):
     limit in the kernel's backlog, where they wait for a free place.
     """
 
-    room: Callable[[], int] = staticmethod(lambda: 1 << 30)  # type: ignore[assignment]
+    room: Callable[[], int]
 
     def doRead(self) -> None:
         room = self.room()
@@ -48,7 +48,7 @@ def listen_limited(reactor: IReactorTCP, port: Any, factory: Any, room: Callable
                    backlog: int, interface: str) -> LimitedPort:
     """What C{reactor.listenTCP} does, with a L{LimitedPort}."""
     listening = LimitedPort(port, factory, backlog, interface, reactor)
-    listening.room = room  # type: ignore[method-assign]
+    listening.room = room
     listening.startListening()
     return listening
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import DNSLookupError
+from twisted.internet.error import DNSLookupError, NotConnectingError
 from twisted.internet.interfaces import (
     IConnector,
     IHostResolution,
@@ -122,8 +122,11 @@ class Dial(ClientFactory):
     def cancel(self) -> None:
         """Stop a pending attempt; no failure is reported after this."""
         self.cancelled = True
-        if self.connector is not None and self.connector.state == "connecting":
-            self.connector.stopConnecting()
+        if self.connector is not None:
+            try:
+                self.connector.stopConnecting()
+            except NotConnectingError:
+                pass  # connected already, or between attempts
 
     def buildProtocol(self, addr: IPv4Address | IPv6Address) -> Protocol:
         return self.make_protocol()

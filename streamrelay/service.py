@@ -28,7 +28,9 @@ from . import events
 from .addresses import join_host_port
 from .config import Config, RouteConfig
 from .events import RefusalLog, RouteEvents
+from .compat import listen_limited
 from .hooks import NO_HOOKS, Hooks, hooks_for
+from .lifecycle import Input
 from .inbound import ProxyHeaderFactory
 from .tcp import RelayFactory
 from .udp import MAX_DATAGRAM, DatagramRelay
@@ -107,34 +109,41 @@ class RouteService(_ListeningService):
                 self.factory, route.proxy_protocol, self.events, self.refusals, reactor
             )
             self.listening_factory = self.header_factory
-        self.accepting_paused = False
         if route.max_connections:
             self.factory.changed = self.connections_changed
             if self.header_factory is not None:
                 self.header_factory.changed = self.connections_changed
 
-    def connections_changed(self) -> None:
-        """
-        Stop accepting at C{max_connections} and resume below it, so the
-        kernel's backlog holds newcomers instead of accepting and dropping.
-        """
+    def room(self) -> int:
+        """How many more connections C{max_connections} allows (PROXY headers awaited count)."""
         open_now = len(self.factory.pairs)
         if self.header_factory is not None:
             open_now += len(self.header_factory.pending)
-        full = open_now >= self.route.max_connections
-        if self.port is None or full == self.accepting_paused:
+        return self.route.max_connections - open_now
+
+    def connections_changed(self) -> None:
+        """
+        Stop accepting at C{max_connections} and resume below it: the
+        kernel's backlog holds newcomers meanwhile, and the port accepts no
+        more in one go than there is room for (L{compat.LimitedPort}).
+        """
+        port = self.port
+        if port is None:
             return
-        self.accepting_paused = full
-        if full:
-            self.port.stopReading()  # type: ignore[attr-defined]
+        if self.room() > 0:
+            port.startReading()  # type: ignore[attr-defined]
         else:
-            self.port.startReading()  # type: ignore[attr-defined]
+            port.stopReading()  # type: ignore[attr-defined]
 
     def listen(self) -> IListeningPort:
         route = self.route
         port: int | Binding = route.listen_port
         if route.reuse_port:
             port = makeBinding(route.bind, route.listen_port, reuseAddress=True, reusePort=True)
+        if route.max_connections:
+            return listen_limited(
+                self.reactor, port, self.listening_factory, self.room, route.backlog, route.bind
+            )
         return self.reactor.listenTCP(port, self.listening_factory, backlog=route.backlog, interface=route.bind)
 
     def stopService(self) -> Deferred[None]:
@@ -147,7 +156,7 @@ class RouteService(_ListeningService):
             self.header_factory.close_pending()
         pairs = list(self.factory.pairs)
         for pair in pairs:
-            pair.close("shutdown")
+            pair.feed(Input.SHUTDOWN, detail="shutdown")
         waiting = [pair.done for pair in pairs if not pair.done.called]
         if stopped is not None:
             waiting.append(stopped)
@@ -165,7 +174,7 @@ class RouteService(_ListeningService):
     def _abort_all(self) -> None:
         for pair in list(self.factory.pairs):
             self.events.warn("abort", conn=pair.id, client=pair.peer, reason="shutdown timeout")
-            pair.abort("shutdown timeout")
+            pair.feed(Input.ABORT, detail="shutdown timeout")
 
 
 class UDPRouteService(_ListeningService):
@@ -216,6 +225,7 @@ class RelayService(MultiService):
     def __init__(self, config: Config, reactor: Any, hooks: Mapping[str, Hooks] | None = None) -> None:
         super().__init__()
         self.config = config
+        check_hook_names(config, hooks)
         for route in config.routes:
             service: _ListeningService
             if route.protocol == "tcp":
@@ -235,6 +245,17 @@ class RelayService(MultiService):
             for child in started:
                 child.unbind()
             raise
+
+
+def check_hook_names(config: Config, hooks: Mapping[str, Hooks] | None) -> None:
+    """A hook for a route that does not exist would silently never run: refuse it."""
+    names = {route.name for route in config.routes}
+    unknown = sorted(set(hooks or ()) - names - {"*"})
+    if unknown:
+        raise ValueError(
+            f"hooks given for {', '.join(map(repr, unknown))}, but {config.path} has no such route "
+            f"(its routes: {', '.join(map(repr, sorted(names)))}; \"*\" means every route)"
+        )
 
 
 def raise_descriptor_limit() -> None:

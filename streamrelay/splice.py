@@ -41,6 +41,9 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IRead
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .compat import hand_back
+from .hangups import HangupWatch, watch_for
+
 __all__ = ["AVAILABLE", "COPY_SIZE", "PIPE_SIZE", "PipePool", "Splice", "socket_connection"]
 
 #: Linux with Python 3.10 or newer.
@@ -134,24 +137,29 @@ PIPES = PipePool()
 class Splice:
     """
     Relays two connected sockets until both are closed.  L{start} takes the
-    sockets over from Twisted, whose write buffers must be empty; C{first}
-    is written to C{second} before anything else (a PROXY header, bytes
-    held while dialing).
+    sockets over from Twisted, whose write buffers must be empty, and writes
+    its preamble (a PROXY header, bytes held while dialing) to C{second}
+    before anything else.  A socket that is neither read nor written (its
+    peer's flow is stalled) is kept in the hangup watch, so its reset is
+    seen.
     """
 
     def __init__(self, reactor: Any, first: tcp.Connection, second: tcp.Connection, moved: Moved,
-                 *, preamble: bytes = b"", pipes: PipePool = PIPES) -> None:
+                 *, pipes: PipePool = PIPES, watch: HangupWatch | None = None) -> None:
         self.reactor = reactor
         self.moved = moved
         self.pipes = pipes
+        self.watch = watch or watch_for(reactor)
         a, b = _End(self, first), _End(self, second)
         self.ends = {a.protocol: a, b.protocol: b}
         a.outgoing = b.incoming = _Flow(self, a, b)
         b.outgoing = a.incoming = _Flow(self, b, a)
-        a.outgoing.unsent = preamble
 
-    def start(self) -> None:
+    def start(self, preamble: bytes = b"") -> None:
+        """Take the sockets over; C{preamble} goes to the second before anything else."""
         self.pipes.attach()
+        first = next(iter(self.ends.values()))
+        first.outgoing.unsent = preamble
         # Twisted's registrations go first: the reactor keys them by fd.
         for end in self.ends.values():
             end.connection.stopReading()
@@ -179,19 +187,19 @@ class Splice:
     def closed(self, end: _End) -> None:
         """C{end} is closing and nothing is in flight towards it: an orderly close."""
         self.release(end)
-        end.connection.connectionLost(Failure(ConnectionDone()))
+        hand_back(end.connection, Failure(ConnectionDone()))
 
     def lost(self, end: _End, reason: Failure) -> None:
         """C{end}'s socket failed: tell its protocol now, as the reactor would."""
         self.release(end)
-        end.connection.connectionLost(reason)
+        hand_back(end.connection, reason)
 
     def release(self, end: _End) -> None:
         """Stop splicing C{end}'s socket (once); the pipes go back with the last one."""
         assert not end.released
+        end.released = True
         end.read(False)
         end.write(False)
-        end.released = True
         end.outgoing.stop()  # what is already in flight still goes to the other end
         end.incoming.stop()
         end.incoming.drop()  # nowhere to go any more
@@ -242,12 +250,29 @@ class _End:
             self.reading = wanted
             reactor = self.splice.reactor
             (reactor.addReader if wanted else reactor.removeReader)(self)
+            self.watch()
 
     def write(self, wanted: bool) -> None:
         if wanted != self.writing:
             self.writing = wanted
             reactor = self.splice.reactor
             (reactor.addWriter if wanted else reactor.removeWriter)(self)
+            self.watch()
+
+    def watch(self) -> None:
+        """
+        Keep the socket in the hangup watch while its flow is stalled and
+        the reactor does not poll it (after its FIN it is no longer read,
+        and timers look after it).
+        """
+        if self.reading or self.writing or self.released or not self.outgoing.open:
+            self.splice.watch.discard(self.fd)
+        else:
+            self.splice.watch.add(self.socket, self.hung_up)
+
+    def hung_up(self, error: int) -> None:
+        if error and not self.released:
+            self.splice.lost(self, Failure(ConnectionLost(os.strerror(error))))
 
 
 class _Flow:

@@ -10,6 +10,13 @@ table keyed by the client's C{(host, port)}, exactly as the listener reports
 it (C{::ffff:a.b.c.d} for IPv4 clients of a dual-stack listener, which is
 also the form that socket needs to answer them).
 
+A route's C{pre_dial} hook, if set, is asked once per session, after the
+ACL and the session limit and before the session's socket opens; what the
+client sends meanwhile is held.  A refusal drops it and removes the session,
+so the client's next datagram asks again; a decision still pending
+C{udp_idle_timeout} after the session began is cancelled, however busy the
+client, so a hook that never answers cannot keep a table entry.
+
 A session ends when a sweep finds it idle for C{udp_idle_timeout}, when its
 target proves unreachable (an ICMP error on its connected socket), or at
 shutdown; its socket is closed and its table entry removed at the same time.
@@ -18,15 +25,20 @@ The per-datagram path is two counter increments and one system call each
 way.  It calls the sockets' own C{send}/C{sendto} rather than
 C{transport.write}, which re-validates the address of every datagram; a
 session's socket reads one reply per readiness event (L{SessionPort}); and it
-keeps no timestamps: the sweep notices activity by comparing counters.
+keeps no timestamps: the sweep notices activity by comparing counters.  An
+C{on_read} hook gets sessions of their own class (L{ObservedSession}), so
+routes without one pay nothing for it.
 """
 
 from __future__ import annotations
 
 import errno
-from typing import Any, Callable
+import itertools
+from functools import cached_property
+from typing import Any, Callable, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet import udp
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
@@ -36,9 +48,10 @@ from .addresses import HOLD_LIMIT, describe, join_host_port
 from .compat import SessionPort
 from .config import RouteConfig
 from .dial import resolve
-from .events import RouteEvents, Throttle
+from .events import RefusalLog, RouteEvents
+from .hooks import NO_HOOKS, ConnectionContext, Hooks, OnRead, PreDial
 
-__all__ = ["MAX_DATAGRAM", "DatagramRelay", "Session"]
+__all__ = ["MAX_DATAGRAM", "DatagramRelay", "ObservedSession", "Session"]
 
 #: Read size of every socket: the largest UDP payload (65,507 bytes over
 #: IPv4, 65,527 over IPv6) fits, so nothing is truncated.  Twisted's default
@@ -47,12 +60,16 @@ MAX_DATAGRAM = 65535
 
 Address = tuple[str, int]
 
+#: Session ids: the C{conn} of the logs and of the hooks' context.
+_session_ids = itertools.count(1)
+
 
 class Session(DatagramProtocol):
     """
     One client's datagrams, relayed through a socket connected to the
-    target.  Until that socket exists (the target's name is being resolved)
-    what the client sends is held, up to L{HOLD_LIMIT} bytes.
+    target.  Until that socket exists (the C{pre_dial} hook is deciding, the
+    target's name is being resolved) what the client sends is held, up to
+    L{HOLD_LIMIT} bytes.
     """
 
     noisy = False
@@ -60,6 +77,7 @@ class Session(DatagramProtocol):
     def __init__(self, relay: DatagramRelay, client: Address) -> None:
         self.relay = relay
         self.client = client
+        self.id = next(_session_ids)
         self.started = self.last_active = relay.reactor.seconds()
         self.seen = 0
         self.datagrams_up = self.bytes_up = 0
@@ -69,7 +87,16 @@ class Session(DatagramProtocol):
         self.held_size = 0
         self.send: Callable[[bytes], Any] = self.hold
         self.reply = relay.sendto
+        self.port: SessionPort | None = None
+        self.decision: Deferred[object] | None = None  # the pending pre_dial hook's
         self.closed = False
+
+    @cached_property
+    def context(self) -> ConnectionContext:
+        """What the hooks are told; built for sessions that have hooks only."""
+        relay = self.relay
+        route = relay.route
+        return ConnectionContext(route.name, self.id, self.client, relay.listen, (route.host, route.target_port))
 
     # -- the datagram path
 
@@ -111,6 +138,45 @@ class Session(DatagramProtocol):
 
     # -- opening
 
+    def check(self, pre_dial: PreDial) -> None:
+        """Ask C{pre_dial} whether to open; what the client sends meanwhile is held."""
+        # maybeDeferred turns a raise into a failure and awaits coroutines.
+        self.decision = maybeDeferred(pre_dial, self.context)
+        self.decision.addCallbacks(self.decided, self.decision_failed)
+
+    def decided(self, allowed: object) -> None:
+        if self.closed:  # a canceller that answered anyway
+            return
+        self.decision = None
+        if allowed is False:
+            self.refuse("pre_dial refused")
+        else:
+            self.open()
+
+    def decision_failed(self, reason: Failure) -> None:
+        if not self.closed:  # else cancelled because the session went away
+            self.decision = None
+            self.refuse(f"pre_dial failed: {reason.getErrorMessage() or reason.type.__name__}")
+
+    def refuse(self, reason: str) -> None:
+        """
+        The hook said no: drop what was held, no socket ever opened, and
+        leave the table, so the client's next datagram asks again.  Logged
+        with the route's other refusals, at most once a second.
+        """
+        self.leave()
+        self.relay.refusals.refuse(
+            "refused", conn=self.id, client=join_host_port(*self.client), reason=reason, dropped=self.dropped
+        )
+
+    def open(self) -> None:
+        """Admitted: resolve the target's name, then connect."""
+        relay = self.relay
+        relay.opened += 1
+        resolve(relay.reactor, relay.route.host, relay.route.family).addCallbacks(
+            self.connect, self.resolve_failed
+        )
+
     def connect(self, addresses: list[str]) -> None:
         """
         Open the socket to the target and send what was held.  After an
@@ -128,6 +194,7 @@ class Session(DatagramProtocol):
         except CannotListenError as e:
             self.close(f"no socket: {e.socketError}")
             return
+        self.port = port
         try:
             port.connect(address, relay.route.target_port)
         except OSError as e:
@@ -135,7 +202,9 @@ class Session(DatagramProtocol):
             return
         port.discard_strangers()
         self.send = port.getHandle().send
-        relay.events.debug("session-open", client=join_host_port(*self.client), via=describe(port.getHost()))
+        relay.events.debug(
+            "session-open", conn=self.id, client=join_host_port(*self.client), via=describe(port.getHost())
+        )
         held, self.held, self.held_size = self.held, [], 0
         for data in held:
             try:
@@ -165,6 +234,16 @@ class Session(DatagramProtocol):
         self.relay.unreachable += 1
         self.close("target unreachable")
 
+    def leave(self) -> None:
+        """Leave the table, dropping what is held and cancelling a pending hook."""
+        self.closed = True
+        del self.relay.sessions[self.client]
+        self.dropped += len(self.held)
+        self.held = []
+        if self.decision is not None:
+            decision, self.decision = self.decision, None
+            decision.cancel()
+
     def close(self, reason: str) -> Deferred[None] | None:
         """
         Leave the table and log now; the socket is closed within a reactor
@@ -172,49 +251,88 @@ class Session(DatagramProtocol):
         """
         if self.closed:
             return None
-        self.closed = True
+        self.leave()
         relay = self.relay
-        del relay.sessions[self.client]
-        self.dropped += len(self.held)
-        self.held = []
         relay.events.info(
-            "session-closed", client=join_host_port(*self.client), reason=reason,
+            "session-closed", conn=self.id, client=join_host_port(*self.client), reason=reason,
             duration=relay.reactor.seconds() - self.started,
             datagrams_up=self.datagrams_up, bytes_up=self.bytes_up,
             datagrams_down=self.datagrams_down, bytes_down=self.bytes_down,
             dropped=self.dropped,
         )
-        port = self.transport
-        return port.stopListening() if port is not None else None
+        return self.port.stopListening() if self.port is not None else None
+
+
+class ObservedSession(Session):
+    """A session whose datagrams are also reported to an C{on_read} hook."""
+
+    def __init__(self, relay: DatagramRelay, client: Address, on_read: OnRead) -> None:
+        super().__init__(relay, client)
+        self.on_read = on_read
+        self.observing = True
+
+    def up(self, data: bytes) -> None:
+        self.observe(len(data), "up")
+        super().up(data)
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
+        self.observe(len(data), "down")
+        super().datagramReceived(data, addr)
+
+    def observe(self, size: int, direction: str) -> None:
+        """A hook that raises is logged once and switched off for this session, which goes on."""
+        if self.observing:
+            try:
+                self.on_read(self.context, size, direction)
+            except Exception as e:
+                self.observing = False
+                self.relay.events.warn(
+                    "hook-failed", conn=self.id, client=join_host_port(*self.client), hook="on_read", reason=repr(e)
+                )
 
 
 class DatagramRelay(DatagramProtocol):
     """
-    A UDP route's listening protocol: its session table, its session limit
-    and the sweep that expires idle sessions.
+    A UDP route's listening protocol: its session table, its session limit,
+    its hooks and the sweep that expires idle sessions.
     """
 
     noisy = False
 
-    def __init__(self, route: RouteConfig, events: RouteEvents, reactor: Any) -> None:
+    def __init__(
+        self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: Any, hooks: Hooks = NO_HOOKS
+    ) -> None:
         self.route = route
         self.events = events
+        self.refusals = refusals
         self.reactor = reactor
+        self.hooks = hooks
         self.sessions: dict[Address, Session] = {}
         self.sweeper = LoopingCall(self.sweep)
         self.sweeper.clock = reactor
         self.opened = 0
-        self.refused = 0
-        self.denied = 0
         self.unreachable = 0
-        self.refusal_log = Throttle(reactor)
-        self.denial_log = Throttle(reactor)
 
     #: The listening socket's own C{sendto}, for the sessions' replies.
     sendto: Callable[[bytes, Address], Any]
+    #: The listening socket's address, for the hooks' context.
+    listen: Address
 
     def startProtocol(self) -> None:
-        self.sendto = self.transport.getHandle().sendto
+        port = cast(udp.Port, self.transport)  # what listenUDP and adoptDatagramPort return
+        self.sendto = port.getHandle().sendto
+        host = port.getHost()
+        self.listen = (host.host, host.port)
+
+    @property
+    def refused(self) -> int:
+        """New clients' datagrams dropped at C{max_udp_sessions} (the C{stop} event's C{refused})."""
+        return self.refusals.counts.get("limited", 0)
+
+    @property
+    def denied(self) -> int:
+        """New clients' datagrams dropped by the ACL (the C{stop} event's C{denied})."""
+        return self.refusals.counts.get("denied", 0)
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:
         session = self.sessions.get(addr)
@@ -226,54 +344,46 @@ class DatagramRelay(DatagramProtocol):
     def open(self, data: bytes, addr: Address) -> None:
         """
         A datagram from a new client: open its session, unless the ACL denies
-        the client or the table is full.
+        the client or the table is full, once C{pre_dial} (if set) agrees.
+        Each datagram refused is counted and logged by kind (C{denied},
+        C{limited}) through the route's L{RefusalLog}: a flood of new
+        sources cannot flood the log, nor one kind hide another.
         """
         route = self.route
         if not route.acl.permits_everything:
             decision = route.acl.check(addr[0])
             if not decision.allowed:
-                self.denied += 1
-                suppressed = self.denial_log.allow()
-                if suppressed is not None:
-                    self.events.warn("denied", client=join_host_port(*addr), rule=decision.rule, suppressed=suppressed)
+                self.refusals.refuse("denied", client=join_host_port(*addr), rule=decision.rule)
                 return
         if len(self.sessions) >= route.max_udp_sessions:
-            self.refuse(data, addr)
-            return
-        session = self.sessions[addr] = Session(self, addr)
-        self.opened += 1
-        session.up(data)
-        resolve(self.reactor, route.host, route.family).addCallbacks(
-            session.connect, session.resolve_failed
-        )
-
-    def refuse(self, data: bytes, addr: Address) -> None:
-        """
-        Drop a new client's datagram at the session limit.  A flood of new
-        sources must not become a flood of log lines: at most one
-        C{session-closed} event (reason C{limit}) per period, whose
-        C{dropped} counts every datagram refused since the previous one.
-        """
-        self.refused += 1
-        suppressed = self.refusal_log.allow()
-        if suppressed is not None:
-            self.events.warn(
-                "session-closed", client=join_host_port(*addr), reason="limit", duration=0.0,
-                datagrams_up=1, bytes_up=len(data), datagrams_down=0, bytes_down=0,
-                dropped=suppressed + 1,
+            self.refusals.refuse(
+                "limited", conn=next(_session_ids), client=join_host_port(*addr), reason="max_udp_sessions reached"
             )
+            return
+        hooks = self.hooks
+        on_read = hooks.on_read
+        session = self.sessions[addr] = Session(self, addr) if on_read is None else ObservedSession(self, addr, on_read)
+        session.up(data)
+        if hooks.pre_dial is None:
+            session.open()
+        else:
+            session.check(hooks.pre_dial)
 
     def sweep(self) -> None:
         """
-        Close the sessions idle for C{udp_idle_timeout}.  A session whose
-        counters moved since the last sweep was active during the interval;
-        crediting that to the sweep's time never closes a session early.
+        Close the sessions idle for C{udp_idle_timeout}, and those whose
+        C{pre_dial} hook has not answered that long after they began.  A
+        session whose counters moved since the last sweep was active during
+        the interval; crediting that to the sweep's time never closes a
+        session early.
         """
         now = self.reactor.seconds()
         timeout = self.route.udp_idle_timeout
         for session in list(self.sessions.values()):
             activity = session.datagrams_up + session.datagrams_down
-            if activity != session.seen:
+            if session.decision is not None and now - session.started >= timeout:
+                session.close("pre_dial timeout")
+            elif activity != session.seen:
                 session.seen = activity
                 session.last_active = now
             elif now - session.last_active >= timeout:

@@ -140,3 +140,51 @@ def test_denials_are_rate_limited_in_the_log(tmp_path: Path) -> None:
             first = relay.wait_for("denied")
             assert len(first) < 10  # 50 denials within a few seconds: about one line a second
             assert target.accepted == 0
+
+
+def test_max_connections_holds_exactly_under_a_burst(tmp_path: Path) -> None:
+    """
+    Twisted's port accepts up to C{numberAccepts} connections per readiness
+    event: with 200 clients waiting in the backlog, one freed place must let
+    in one client, not a batch.
+    """
+    with Target() as target:
+        text = "routes:\n" + route(target.port, max_connections=5)
+        with Relay(write_config(tmp_path, text), "--log-level", "debug") as relay:
+            port = relay.ports["r"]
+            held = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(5)]
+            for sock in held:
+                assert echoes(sock)
+            waiting = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(200)]
+            for sock in waiting:
+                sock.sendall(b"x")
+            held.pop().close()
+            relay.wait_for("accept", count=6)
+            held.pop().close()
+            relay.wait_for("accept", count=7)
+            poll(lambda: target.accepted >= 7)
+            assert len(relay.actions("accept")) == 7
+            open_now = peak = 0
+            for event in list(relay.events):
+                open_now += {"accept": 1, "closed": -1}.get(event.get("action"), 0)
+                peak = max(peak, open_now)
+            assert peak == 5
+            for sock in held + waiting:
+                sock.close()
+
+
+def test_each_kind_of_refusal_has_its_own_log_throttle(tmp_path: Path) -> None:
+    """A flood of ACL denials does not hide a per-client limit refusal in the same second."""
+    with Target() as target:
+        acl = 'acl: {default: allow, allow_local: false, deny: ["ip:127.0.0.2"]}\n'
+        text = acl + "routes:\n" + route(target.port, max_connections_per_client=1)
+        with Relay(write_config(tmp_path, text)) as relay:
+            for _ in range(20):
+                assert refused_from("127.0.0.2", relay.ports["r"])
+            with connect_from("127.0.0.3", relay.ports["r"]) as first:
+                assert echoes(first)
+                assert refused_from("127.0.0.3", relay.ports["r"])
+                limited = relay.wait_for("limited")
+            denied = relay.wait_for("denied")
+            assert limited[0]["client"].startswith("127.0.0.3:") and limited[0]["suppressed"] == 0
+            assert denied[0]["client"].startswith("127.0.0.2:")

@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from streamrelay import Hooks, parse_config
 from streamrelay.config import ConfigError
-from streamrelay.events import RouteEvents
+from streamrelay.events import RefusalLog, RouteEvents
 from streamrelay import splice
 from streamrelay.splice import PipePool, Splice
 from streamrelay.tcp import RelayFactory
@@ -480,7 +480,8 @@ def test_true_needs_os_splice(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_on_read_hook_turns_auto_off_and_true_into_an_error() -> None:
     def factory(setting: str, hooks: Hooks) -> RelayFactory:
         config = parse_config("routes:\n" + route(1, splice=setting))
-        return RelayFactory(config.routes[0], RouteEvents(config.routes[0]), None, hooks)
+        events = RouteEvents(config.routes[0])
+        return RelayFactory(config.routes[0], events, RefusalLog(events, None), None, hooks)
 
     counting = Hooks(on_read=lambda context, size, direction: None)
     assert factory("auto", Hooks()).splicing and not factory("auto", counting).splicing

@@ -258,3 +258,75 @@ def test_sigterm_stops_promptly_and_closes_targets(tmp_path) -> None:
                 assert recv_all(client) == b""
                 client.close()
             poll(lambda: target.open_connections == 0)
+
+
+def _stall(sock: socket.socket) -> int:
+    """Send from C{sock} until the far end has stopped taking bytes; how many went."""
+    sock.setblocking(False)
+    chunk, sent, stalled_since = b"\0" * 65536, 0, None
+    deadline = time.monotonic() + harness.DEADLINE
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(chunk)
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > 0.5:  # nothing drained for half a second
+                return sent
+            time.sleep(0.01)
+    raise AssertionError("the relay never stopped taking bytes")
+
+
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+def test_a_paused_client_that_resets_is_seen_and_the_stalled_target_cut_off(tmp_path) -> None:
+    """
+    A target that stops reading pauses the client's side; the client's reset
+    must still be noticed (defect: it went unseen while paused), and the
+    target, which never drains what is buffered for it, is reset after
+    C{close_timeout} (defect: with no idle timeout the pair lived forever).
+    """
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)
+
+    with Target(never_reads) as target:
+        path = write_config(tmp_path, "routes:\n" + tcp_route(target.port, close_timeout="1s"))
+        with Relay(path) as relay:
+            baseline = relay.fd_count()
+            client = connect(relay.ports["echo"])
+            assert _stall(client) > 0
+            started = time.monotonic()
+            _reset(client)
+            closed = relay.wait_for("closed")[0]
+            assert closed["reason"] == "client reset"
+            assert time.monotonic() - started < harness.DEADLINE / 2
+            poll(lambda: relay.fd_count() <= baseline)
+
+
+def test_a_paused_target_that_resets_is_seen_and_the_stalled_client_cut_off(tmp_path) -> None:
+    """
+    The same the other way: the client stops reading, the target floods,
+    then resets.  (That the survivor is reset at C{close_timeout} when it
+    never drains is checked in memory, in test_pair.py: how much the kernel
+    takes off the relay's hands before that differs between the paths.)
+    """
+    server = socket.create_server(("127.0.0.1", 0))
+    with server:
+        path = write_config(tmp_path, "routes:\n" + tcp_route(server.getsockname()[1], close_timeout="1s"))
+        with Relay(path) as relay:
+            baseline = relay.fd_count()
+            client = connect(relay.ports["echo"])
+            upstream, _ = server.accept()
+            assert _stall(upstream) > 0
+            _reset(upstream)
+            closed = relay.wait_for("closed")[0]
+            assert closed["reason"] == "target reset"
+            try:  # what the kernel took is delivered; what the relay held, dropped at the deadline
+                recv_all(client)
+            except ConnectionResetError:
+                pass  # the client's socket ends either way, instead of waiting forever
+            poll(lambda: relay.fd_count() <= baseline)
+            client.close()

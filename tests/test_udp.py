@@ -85,6 +85,15 @@ def client(port: int, host: str = "127.0.0.1", connected: bool = True) -> socket
     return sock
 
 
+def bound_client(source: str, port: int) -> socket.socket:
+    """A client socket on the loopback address C{source}, connected to the relay."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(5)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
 def echoes(sock: socket.socket, payload: bytes) -> bool:
     sock.send(payload)
     return sock.recv(65535) == payload
@@ -243,7 +252,7 @@ def test_session_limit_drops_new_sources_only(tmp_path) -> None:
                 assert no_reply(extra)
                 for i, sock in enumerate(first):
                     assert echoes(sock, b"still %d" % i)
-                refused = relay.wait_for("session-closed", reason="limit")
+                refused = relay.wait_for("limited", reason="max_udp_sessions reached")
                 assert len(refused) == 1  # logged at most once a second
                 assert refused[0]["client"] == "127.0.0.1:%d" % extra.getsockname()[1]
                 assert relay.stop() == -signal.SIGTERM
@@ -353,12 +362,7 @@ def test_acl_denies_sources_before_they_get_a_session(tmp_path) -> None:
     with UDPEcho() as target:
         acl = '{default: deny, allow_local: false, allow: ["ip:127.0.0.2"]}'
         with start(tmp_path, udp_route("echo", target.port, acl=acl)) as relay:
-            sockets = {}
-            for source in ("127.0.0.2", "127.0.0.3"):
-                sock = sockets[source] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sock.settimeout(5)
-                sock.bind((source, 0))
-                sock.connect(("127.0.0.1", relay.ports["echo"]))
+            sockets = {source: bound_client(source, relay.ports["echo"]) for source in ("127.0.0.2", "127.0.0.3")}
             try:
                 for _ in range(5):
                     sockets["127.0.0.3"].send(b"denied")
@@ -371,6 +375,34 @@ def test_acl_denies_sources_before_they_get_a_session(tmp_path) -> None:
                 assert relay.actions("stop")[0]["denied"] == 5
             finally:
                 for sock in sockets.values():
+                    sock.close()
+
+
+def test_a_flood_of_one_refusal_kind_hides_no_other(tmp_path) -> None:
+    """ACL denials and session-limit refusals are logged and counted each on their own."""
+    with UDPEcho() as target:
+        acl = '{default: deny, allow_local: false, allow: ["ip:127.0.0.2"]}'
+        with start(tmp_path, udp_route("echo", target.port, acl=acl, max_udp_sessions=1)) as relay:
+            port = relay.ports["echo"]
+            inside, extra, stranger = (bound_client("127.0.0.2", port), bound_client("127.0.0.2", port),
+                                       bound_client("127.0.0.3", port))
+            try:
+                assert echoes(inside, b"the only session")
+                for _ in range(20):
+                    stranger.send(b"denied")
+                for _ in range(5):
+                    extra.send(b"limited")
+                assert no_reply(extra)
+                denied, limited = relay.wait_for("denied"), relay.wait_for("limited")
+                assert (len(denied), len(limited)) == (1, 1)  # neither hid the other
+                assert denied[0]["client"] == "127.0.0.3:%d" % stranger.getsockname()[1]
+                assert limited[0]["client"] == "127.0.0.2:%d" % extra.getsockname()[1]
+                assert denied[0]["suppressed"] == limited[0]["suppressed"] == 0
+                assert relay.stop() == -signal.SIGTERM
+                stop = relay.actions("stop")[0]
+                assert (stop["denied"], stop["refused"], stop["sessions"]) == (20, 5, 1)
+            finally:
+                for sock in (inside, extra, stranger):
                     sock.close()
 
 
