@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import CancelledError, Deferred, DeferredQueue
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
@@ -61,15 +61,15 @@ class Client(Protocol):
 
 
 class HookTests(TestCase):
-    async def relay(self, hooks: dict[str, Hooks]) -> int:
-        """Start an echo target and a relay with C{hooks}; the relay's port."""
+    async def relay(self, hooks: dict[str, Hooks], extra: str = "") -> int:
+        """Start an echo target and a relay with C{hooks} (and route fields C{extra}); the relay's port."""
         target = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Echo))
         self.addCleanup(target.stopListening)
         config = parse_config(
             "routes:\n"
-            f"  r: {{scheme: tcp4, bind: 127.0.0.1, host: 127.0.0.1, port: ':{target.getHost().port}'}}\n"
+            f"  r: {{scheme: tcp4, bind: 127.0.0.1, host: 127.0.0.1, port: ':{target.getHost().port}'{extra}}}\n"
         )
-        service = make_service(config, hooks=hooks)
+        service = self.service = make_service(config, hooks=hooks)
         service.startService()
         self.addCleanup(service.stopService)
         return service.getServiceNamed("route:r").port.getHost().port
@@ -102,6 +102,43 @@ class HookTests(TestCase):
     async def test_pre_dial_succeeding_after_a_delay(self) -> None:
         port = await self.relay({"r": Hooks(pre_dial=lambda context: deferLater(reactor, 0.2, lambda: True))})
         self.assertEqual(await self.exchange(port, b"held while checking"), b"held while checking")
+
+    async def test_a_hook_that_never_answers_is_cancelled_at_the_dial_budget(self) -> None:
+        cancelled: list[Deferred[bool]] = []
+        port = await self.relay({"r": Hooks(pre_dial=lambda context: Deferred(cancelled.append))}, ", dial_timeout: 300ms")
+        self.assertEqual(await self.exchange(port, b"held, then dropped"), b"")
+        self.assertEqual(len(cancelled), 1)
+        service = self.service
+        self.assertEqual(len(service.getServiceNamed("route:r").factory.pairs), 0)
+
+    async def test_the_client_leaving_cancels_a_pending_hook(self) -> None:
+        started: list[ConnectionContext] = []
+        cancelled: list[ConnectionContext] = []
+
+        async def forever(context: ConnectionContext) -> bool:
+            started.append(context)
+            try:
+                await Deferred()
+            except CancelledError:
+                cancelled.append(context)
+                raise
+            return True
+
+        port = await self.relay({"r": Hooks(pre_dial=forever)})
+        client = Protocol()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        await until(lambda: started)
+        client.transport.abortConnection()  # a FIN alone is a half-close: the client may still read
+        await until(lambda: cancelled)
+        self.assertEqual(cancelled, started)
+
+    def test_hooks_for_a_route_that_does_not_exist_are_refused(self) -> None:
+        config = parse_config("routes:\n  r: {scheme: tcp4, port: '1:2'}\n")
+        with self.assertRaises(ValueError) as caught:
+            make_service(config, hooks={"r": Hooks(), "typo": Hooks(), "*": Hooks()})
+        self.assertIn("'typo'", str(caught.exception))
+        self.assertNotIn("'*'", str(caught.exception).split("but")[0])
+        make_service(config, hooks={"r": Hooks(), "*": Hooks()})  # known names and "*" are fine
 
     async def test_on_read_counts_every_byte_both_ways(self) -> None:
         counted = {"up": 0, "down": 0}
@@ -189,7 +226,7 @@ class DatagramHookTests(TestCase):
             "routes:\n"
             f"  r: {{scheme: udp4, bind: 127.0.0.1, host: 127.0.0.1, port: ':{target_port}'{extra}}}\n"
         )
-        service = make_service(config, hooks=hooks)
+        service = self.service = make_service(config, hooks=hooks)
         service.startService()
         self.addCleanup(service.stopService)
         return service.getServiceNamed("route:r"), target
