@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .relays import Context, Relay, Running, Skipped, StreamRelay, Targets, all_relays
+from .relays import Context, Relay, Running, Skipped, StreamRelay, Targets, all_relays, baseline_relays
 from .report import Results
 from .tools import (
     REPO,
@@ -60,6 +60,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workloads", help="comma-separated workloads to run (default: all)")
     parser.add_argument("--runs", type=int, help="runs per figure (default: 3, or 1 with --quick)")
     parser.add_argument("--list", action="store_true", help="list relay and workload names")
+    parser.add_argument(
+        "--baseline", type=Path, metavar="DIR",
+        help="also run streamrelay from the checkout DIR (relays baseline, baseline-nosplice), "
+             "e.g. a `git worktree add` of an older revision, to compare in one run",
+    )
     return parser.parse_args()
 
 
@@ -244,6 +249,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args()
     relays = all_relays()
+    if args.baseline:
+        relays += baseline_relays(args.baseline.resolve())
     workloads = all_workloads()
     if args.list:
         print("relays:   ", ", ".join(r.name for r in relays))

@@ -137,14 +137,16 @@ class StreamRelay(Relay):
     C{top_level} to the file (C{acl}); C{processes} copies share the ports
     (needs C{reuse_port}), one on each CPU in turn: the second shares the
     load generator's CPU, as it would share a 2-core machine with anything.  A refused config raises L{Skipped} with
-    C{refusal} and the relay's message.
+    C{refusal} and the relay's message.  C{source} is the checkout whose
+    code runs (another revision, for C{--baseline}).
     """
 
     def __init__(self, name: str, *, route_fields: dict[str, Any] | None = None,
                  top_level: dict[str, Any] | None = None, processes: int = 1,
                  refusal: str = "config refused", with_udp: bool = True,
-                 routes: tuple[str, ...] = TCP_ROUTES) -> None:
+                 routes: tuple[str, ...] = TCP_ROUTES, source: Path = REPO) -> None:
         self.name = name
+        self.source = source
         self.route_fields = route_fields or {}
         self.top_level = top_level or {}
         self.processes = processes
@@ -182,7 +184,7 @@ class StreamRelay(Relay):
             return running
 
     def _launch(self, context: Context, tcp: dict[str, int], udp: int | None) -> Running:
-        self.sources.append(source_digest())
+        self.sources.append(source_digest(self.source))
         path = context.workdir / f"{self.name}.yml"
         path.write_text(yaml.safe_dump(self.config(context, tcp, udp), sort_keys=False))
         twistd = str(Path(sys.executable).parent / "twistd")
@@ -194,7 +196,7 @@ class StreamRelay(Relay):
                 [twistd, "-n", "--pidfile=", "--logger=streamrelay.events.text_observer",
                  "streamrelay", "--config", str(path)],
                 (context.cpus.relay, context.cpus.load)[index % 2], context.workdir,
-                env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+                env={"PYTHONPATH": os.pathsep.join(filter(None, [str(self.source), os.environ.get("PYTHONPATH")]))},
             )
             processes.append(process)
             try:
@@ -206,14 +208,14 @@ class StreamRelay(Relay):
         return Running(tcp, udp, processes)
 
 
-def source_digest() -> str:
+def source_digest(source: Path = REPO) -> str:
     """
     A short digest of streamrelay's source as it is now: the code changes
     under a long benchmark when others work in the same tree.
     """
     h = hashlib.sha256()
-    for path in sorted((REPO / "streamrelay").rglob("*.py")):
-        h.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    for path in sorted((source / "streamrelay").rglob("*.py")):
+        h.update(path.relative_to(source).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -328,6 +330,14 @@ class Nginx(Relay):
             context.cpus.relay, context.workdir,
         )
         return self._await([process], tcp, udp)
+
+
+def baseline_relays(source: Path) -> list[Relay]:
+    """streamrelay's default and no-splice variants, run from another checkout."""
+    return [
+        StreamRelay("baseline", source=source),
+        StreamRelay("baseline-nosplice", route_fields={"splice": False}, with_udp=False, source=source),
+    ]
 
 
 def all_relays() -> list[Relay]:
