@@ -45,14 +45,32 @@ class _Invalid(ValueError):
 
 class _Loader(yaml.SafeLoader):
     """
-    SafeLoader with YAML 1.2 numbers and no duplicate keys.
+    SafeLoader with YAML 1.2 numbers, no duplicate keys and a nesting limit.
 
     YAML 1.1 reads an unquoted C{2222:22} as the base-60 integer 133342, which
     would turn GoDoxy's port syntax into nonsense; a key written twice is
     almost always a mistake that YAML would silently resolve to the last one.
+    PyYAML composes nested nodes recursively, so a small file of C{[[[[...}
+    would otherwise end in a C{RecursionError} a few hundred levels down.
     """
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    #: Far beyond any route file, far short of Python's recursion limit.
+    MAX_DEPTH = 64
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self._depth == self.MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested too deeply (more than {self.MAX_DEPTH} levels)",
+                self.peek_event().start_mark,  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
@@ -229,11 +247,23 @@ class ProxyProtocolConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     timeout: float = 3.0
     detect_timeout: float = 0.3
+    #: C{trusted_proxies} as the ACL's prefix-length table, so that the check
+    #: every connection makes costs the same however many proxies are listed;
+    #: derived, so left out of equality.  L{None}: no proxy is trusted.
+    _trusted: AccessList | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.trusted_proxies:
+            allow = tuple(str(network) for network in self.trusted_proxies)
+            table = AccessList(default_allow=False, allow_local=False, allow=allow)
+            object.__setattr__(self, "_trusted", table)
 
     def trusts(self, host: str) -> bool:
-        """Whether the socket peer C{host} may send a header."""
-        address = unmapped(host)
-        return any(address in network for network in self.trusted_proxies)
+        """
+        Whether the socket peer C{host} may send a header (a v4-mapped
+        C{host} is checked as IPv4).
+        """
+        return self._trusted is not None and self._trusted.check(host).allowed
 
 
 @dataclass(frozen=True)
@@ -319,7 +349,7 @@ _UDP = frozenset({"udp"})
 
 #: Fields settable per route and in C{defaults}.
 TUNABLES: Mapping[str, _Tunable] = {
-    "connect_timeout": _Tunable(parse_duration, _TCP),
+    "connect_timeout": _Tunable(_positive_duration, _TCP),
     "retries": _Tunable(_integer(0, 100), _TCP),
     "dial_timeout": _Tunable(_positive_duration, _TCP),
     "idle_timeout": _Tunable(parse_duration, _TCP),

@@ -7,21 +7,39 @@ connection), so C{twistd --logger} observers and JSON log files get
 machine-readable records while the text log stays readable.  Events below the
 process log level are dropped before any event dict is built, so
 per-connection debug events cost nothing when debug logging is off.
+
+The observers behind C{--logger} never write on the reactor thread: it only
+appends each line to a buffer of at most L{BUFFER_LIMIT} characters, and a
+thread of the observer's own writes the buffer out.  A reader that stops
+reading (a blocked pipe, a stalled journald) then costs log lines, dropped
+and counted (L{dropped_lines}), instead of stopping every relay.  A thread
+rather than non-blocking writes driven by the reactor: standard output may be
+a regular file, which epoll refuses; making it non-blocking would change a
+file description shared with standard error and with other processes (the
+shell's terminal, journald's stream); and twistd logs lines before the
+reactor starts and after it stops.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import select
 import sys
+import threading
 import time
-from typing import IO, Any, Callable
+import weakref
+from typing import Any, Callable
 
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from zope.interface import implementer
 
 from .config import RouteConfig
 
-__all__ = ["RefusalLog", "RouteEvents", "Throttle", "json_observer", "set_log_level", "text_observer"]
+__all__ = [
+    "RefusalLog", "RouteEvents", "Throttle", "dropped_lines", "json_observer", "set_log_level", "text_observer",
+]
 
 _log = Logger(namespace="streamrelay")
 
@@ -44,7 +62,7 @@ FORMATS = {
     "limited": "route {route}: #{conn} refused {client}: {reason} ({suppressed} more not logged)",
     "refused": "route {route}: #{conn} refused {client}: {reason} ({suppressed} more not logged)",
     "hook-failed": "route {route}: #{conn} {client}: {hook} hook raised {reason}; disabled for this connection",
-    "rejected": "route {route}: rejected {client}: {reason}",
+    "rejected": "route {route}: rejected {client}: {reason} ({suppressed} more not logged)",
     "abort": "route {route}: #{conn} {client} aborted: {reason}",
     "session-open": "route {route}: {client} session to {dst} opened from {via}",
     "session-closed": (
@@ -53,7 +71,18 @@ FORMATS = {
         " ({bytes_down} bytes) down, {dropped} dropped"
     ),
     "fd-limit": "descriptor limit raised from {old} to {new}",
+    "log-dropped": "log writer dropped {dropped} lines: the reader fell more than {limit} characters behind",
 }
+
+#: What an observer holds for a reader that has fallen behind: about 1 MiB of
+#: text, in characters.  Lines that do not fit are dropped and counted.
+BUFFER_LIMIT = 1 << 20
+
+#: How long the end of the process waits for the reader to take the last lines.
+FLUSH_TIMEOUT = 5.0
+
+#: A line's text from the event's time stamp and the event.
+LineFormat = Callable[[str, dict[str, Any]], str]
 
 
 def set_log_level(name: str) -> None:
@@ -67,45 +96,178 @@ def enabled(level: LogLevel) -> bool:
     return level in _enabled
 
 
-def text_observer() -> ILogObserver:
+def text_observer() -> LineObserver:
     """
     twistd's classic text lines on standard output, for
     C{twistd --logger=streamrelay.events.text_observer}.
     """
-    return LineObserver(sys.stdout, _text_line)
+    return _on_stdout(_text_line)
 
 
-def json_observer() -> ILogObserver:
+def json_observer() -> LineObserver:
     """
     One JSON object per line on standard output, for
     C{twistd --logger=streamrelay.events.json_observer}.
     """
-    return LineObserver(sys.stdout, _json_line)
+    return _on_stdout(_json_line)
+
+
+def _on_stdout(line: LineFormat) -> LineObserver:
+    """
+    An observer on standard output that writes what is left when the reactor
+    stops and when the process exits: twistd logs its last lines after the
+    reactor has stopped, then may kill itself with the signal that stopped it
+    (skipping C{atexit}).
+    """
+    from twisted.internet import reactor
+
+    sys.stdout.flush()  # what was printed before comes first
+    observer = LineObserver(sys.stdout.fileno(), line)
+    reactor.addSystemEventTrigger("after", "shutdown", observer.finish)
+    atexit.register(observer.finish)
+    return observer
+
+
+_observers: weakref.WeakSet[LineObserver] = weakref.WeakSet()
+
+
+def dropped_lines() -> int:
+    """Log lines the observers have dropped since the process started, for metrics."""
+    return sum(observer.dropped for observer in list(_observers))
 
 
 @implementer(ILogObserver)
 class LineObserver:
     """
-    Writes each event as one line, and flushes.  Twisted's own file
-    observers work out the time zone and format the time for every event,
-    which costs more than the rest of a short connection's logging; this
-    formats the time once a second and takes the text of streamrelay's own
-    events as it was formatted at emit (C{log_text}).
+    Writes each event as one line on a file descriptor, from a thread of its
+    own (see the module's docstring); lines beyond C{limit} characters
+    waiting to be written are dropped and counted in C{dropped}, and once
+    the writer has caught up a C{log-dropped} line says how many.
+
+    Twisted's own file observers work out the time zone and format the time
+    for every event, which costs more than the rest of a short connection's
+    logging; this formats the time once a second and takes the text of
+    streamrelay's own events as it was formatted at emit (C{log_text}).
     """
 
-    def __init__(self, stream: IO[str], line: Callable[[str, dict[str, Any]], str]) -> None:
-        self.stream = stream
+    def __init__(self, fd: int, line: LineFormat, limit: int = BUFFER_LIMIT) -> None:
+        self.fd = fd
         self.line = line
+        self.limit = limit
         self.second = -1
         self.stamp = ""
+        #: Lines dropped since the start.
+        self.dropped = 0
+        #: Set once the process is ending: from then on each line waits for the writer.
+        self.deadline: float | None = None
+        self._start_empty()
+        _observers.add(self)
+
+    def _start_empty(self) -> None:
+        """
+        An empty buffer, new locks and no writer (one starts with the next
+        line): at start, and in a forked child, whose copies of the locks may
+        be held by a writer thread that the child does not have.
+        """
+        lock = threading.Lock()
+        self.wake = threading.Condition(lock)  # the writer waits here for lines
+        self.idle = threading.Condition(lock)  # flush() waits here for the writer
+        self.pending: list[str] = []
+        self.size = 0  # characters pending and being written
+        self.unreported = 0  # lines dropped since the last log-dropped line
+        self.writer: threading.Thread | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
         second = int(event.get("log_time", 0))
         if second != self.second:
             self.second = second
-            self.stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
-        self.stream.write(self.line(self.stamp, event))
-        self.stream.flush()
+            self.stamp = _stamp(second)
+        self._put(self.line(self.stamp, event))
+        if self.deadline is not None:
+            self.flush(self.deadline - time.monotonic())
+
+    def _put(self, line: str) -> None:
+        with self.wake:
+            idle = not self.pending and not self.unreported  # else the writer will look again
+            if self.size + len(line) > self.limit:
+                self.dropped += 1
+                self.unreported += 1
+            else:
+                self.pending.append(line)
+                self.size += len(line)
+            if self.writer is None:
+                self.writer = threading.Thread(target=self._write_forever, name="log writer", daemon=True)
+                self.writer.start()
+            elif idle:
+                self.wake.notify()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to C{timeout} seconds for everything to be written; whether it was."""
+        with self.idle:
+            return self.idle.wait_for(lambda: not self.size and not self.unreported, timeout)
+
+    def finish(self) -> None:
+        """
+        The process is ending: wait for the writer, for at most
+        L{FLUSH_TIMEOUT} in all however often this is called, and have every
+        later line wait too, now that no reactor is left to stall.
+        """
+        if self.deadline is None:
+            self.deadline = time.monotonic() + FLUSH_TIMEOUT
+        self.flush(self.deadline - time.monotonic())
+
+    def _write_forever(self) -> None:
+        """The writer thread: everything pending in one write, or the count of what was dropped."""
+        while True:
+            with self.wake:
+                while not self.pending and not self.unreported:
+                    self.idle.notify_all()
+                    self.wake.wait()
+                if self.pending:
+                    batch, self.pending = self.pending, []
+                else:
+                    batch = [self._report()]
+                    self.size += len(batch[0])
+            try:
+                _write_all(self.fd, "".join(batch).encode("utf-8", "backslashreplace"))
+                failed = 0
+            except OSError:  # the reader has gone: count, never report, what it cannot get
+                failed = len(batch)
+            with self.wake:
+                self.size -= sum(map(len, batch))
+                self.dropped += failed
+
+    def _report(self) -> str:
+        """The C{log-dropped} line for the lines dropped since the last one."""
+        dropped, self.unreported = self.unreported, 0
+        now = time.time()
+        fields = {"dropped": dropped, "limit": self.limit}
+        return self.line(_stamp(int(now)), {
+            "log_time": now, "log_level": LogLevel.warn, "log_namespace": "streamrelay",
+            "log_text": FORMATS["log-dropped"].format(**fields), "action": "log-dropped", **fields,
+        })
+
+
+def _after_fork_in_child() -> None:
+    for observer in list(_observers):
+        observer._start_empty()  # the lines pending at the fork, and their drops, are the parent's
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of C{data}, however long the reader takes."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:  # another process made the file description non-blocking
+            select.select([], [fd], [])
+
+
+def _stamp(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
 
 
 def _event_text(event: dict[str, Any]) -> str:

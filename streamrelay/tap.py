@@ -2,10 +2,14 @@
 The twistd plugin's command line: C{twistd streamrelay --config FILE}.
 
 The route file is loaded and validated while the options are parsed, so a
-bad file stops twistd before it daemonizes or binds anything.
+bad file stops twistd before it daemonizes or binds anything.  twistd's own
+options are checked here too, where a mistake would do lasting harm.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any, Mapping
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -31,10 +35,28 @@ class Options(usage.Options):
             raise usage.UsageError("--config FILE is required")
         if self["log-level"] not in LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(LEVELS))
+        if self.parent is not None:
+            _check_logfile(self.parent)
         try:
             self["routes"] = load_config(self["config"])
         except ConfigError as e:
             raise SystemExit(f"streamrelay: {e}") from None
+
+
+def _check_logfile(twistd: Mapping[str, Any]) -> None:
+    """
+    Refuse a C{--logfile} that exists and is not a regular file: twistd's
+    C{LogFile} "rotates" it after a megabyte by renaming it and creating a
+    regular file in its place, which turns C{-l /dev/null} into a broken
+    machine.
+    """
+    path = twistd.get("logfile")
+    if path and path != "-" and os.path.exists(path) and not os.path.isfile(path):
+        raise SystemExit(
+            f"streamrelay: --logfile {path} is not a regular file: twistd's log rotation would"
+            " replace it with one. To discard the log, use --logger=streamrelay.events.text_observer"
+            " with standard output sent to /dev/null; to log less, use --log-level warn."
+        )
 
 
 def makeService(options: Options) -> IService:

@@ -6,6 +6,7 @@ binding anything.
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -86,6 +87,9 @@ ERRORS = [
     (route("scheme: tcp\nport: '1:2'\nbind: example.com\n"), "route 'ssh': field 'bind': expected an IPv4 or IPv6 address"),
     (route("scheme: tcp\nport: '1:2'\nhost: 'bad host!'\n"), "route 'ssh': field 'host': expected a host name"),
     (route("scheme: tcp\nport: '1:2'\nconnect_timeout: soon\n"), "route 'ssh': field 'connect_timeout': expected a duration"),
+    (route("scheme: tcp\nport: '1:2'\nconnect_timeout: 0\n"), "route 'ssh': field 'connect_timeout': expected a duration above 0"),
+    (route("scheme: tcp\nport: '1:2'\ndial_timeout: 0\n"), "route 'ssh': field 'dial_timeout': expected a duration above 0"),
+    (route("scheme: tcp\nport: '1:2'\nclose_timeout: 0s\n"), "route 'ssh': field 'close_timeout': expected a duration above 0"),
     (route("scheme: tcp\nport: '1:2'\nretries: -1\n"), "route 'ssh': field 'retries': expected an integer from 0 to 100"),
     (route("scheme: tcp\nport: '1:2'\nbacklog: 0\n"), "route 'ssh': field 'backlog'"),
     (route("scheme: udp\nport: '1:2'\nidle_timeout: 5s\n"), "route 'ssh': field 'idle_timeout': only supported for tcp routes, not udp"),
@@ -171,6 +175,40 @@ def test_twistd_exits_before_binding(tmp_path, text: str, message: str) -> None:
     assert result.returncode != 0
     assert str(path) in result.stderr and message in result.stderr
     assert "starting on" not in result.stdout
+
+
+#: Nesting far beyond any route file: PyYAML's composer recurses once per level,
+#: so 500 levels exhaust Python's stack.
+DEEP = 500
+NESTED = {
+    "flow sequences": "[" * DEEP + "]" * DEEP,
+    "flow mappings": "{a: " * DEEP + "1" + "}" * DEEP,
+    "block mappings": "".join(" " * level + "a:\n" for level in range(DEEP)),
+    "block sequences": "- " * DEEP + "x\n",
+}
+
+
+@pytest.mark.parametrize("text", NESTED.values(), ids=NESTED.keys())
+def test_deep_nesting_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "routes.yml")
+    assert re.fullmatch(
+        r"routes\.yml: line \d+, column \d+: YAML error: nested too deeply \(more than 64 levels\)",
+        str(caught.value),
+    )
+
+
+def test_nesting_up_to_the_limit_reaches_validation() -> None:
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_config("[" * 64 + "]" * 64, "routes.yml")
+
+
+def test_twistd_refuses_deep_nesting_in_one_line(tmp_path) -> None:
+    path = write_config(tmp_path, NESTED["flow sequences"])
+    result = run_twistd(path)
+    assert result.returncode != 0
+    assert result.stderr == f"streamrelay: {path}: line 1, column 65: YAML error: nested too deeply (more than 64 levels)\n"
+    assert "Traceback" not in result.stdout
 
 
 def test_missing_file_names_it(tmp_path) -> None:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import TWISTD, Relay, Target, connect, poll, recv_exactly, write_config
+from tests.harness import DEADLINE, TWISTD, Relay, Target, connect, poll, recv_exactly, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +39,20 @@ def test_config_is_required() -> None:
     result = subprocess.run([TWISTD, "-n", "--pidfile=", "streamrelay"], capture_output=True, text=True, cwd="/")
     assert result.returncode != 0
     assert "--config FILE is required" in result.stdout + result.stderr
+
+
+def test_logfile_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    """twistd's log rotation would rename /dev/null and put a regular file in its place."""
+    config = write_config(tmp_path, "routes:\n  echo: {scheme: tcp4, bind: 127.0.0.1, port: ':9'}\n")
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "-l", "/dev/null", "streamrelay", "--config", str(config)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=DEADLINE,
+    )
+    assert result.returncode != 0
+    assert "--logfile /dev/null is not a regular file" in result.stderr
+    assert "--logger=streamrelay.events.text_observer" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
 def test_tac_file_runs_the_same_service(tmp_path: Path) -> None:
