@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import select
 import sys
 import threading
@@ -136,6 +137,19 @@ def dropped_lines() -> int:
     return sum(observer.dropped for observer in list(_observers))
 
 
+#: What Twisted's ports say through the legacy logger whatever C{noisy} says:
+#: "RelayFactory starting on 2222", "(TCP Port 2222 Closed)", and the same
+#: for every UDP session's socket.  A route's C{start} and C{stop} events
+#: already say it, with the route's name.
+_PORT_CHATTER = re.compile(r"\S+ starting on \d+|\((?:TCP|UDP) Port \d+ Closed\)")
+
+
+def is_port_chatter(event: dict[str, Any]) -> bool:
+    """Whether a legacy event is one of Twisted's per-port lines (L{_PORT_CHATTER})."""
+    message = event.get("message")
+    return bool(message) and len(message) == 1 and _PORT_CHATTER.fullmatch(str(message[0])) is not None
+
+
 @implementer(ILogObserver)
 class LineObserver:
     """
@@ -178,6 +192,8 @@ class LineObserver:
         self.writer: threading.Thread | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "log_legacy" and is_port_chatter(event):
+            return
         second = int(event.get("log_time", 0))
         if second != self.second:
             self.second = second
@@ -289,15 +305,21 @@ def _text_line(stamp: str, event: dict[str, Any]) -> str:
 
 
 def _json_line(stamp: str, event: dict[str, Any]) -> str:
-    """The event's own fields, and C{time}, C{level}, C{namespace} and C{text}."""
-    level = event.get("log_level")
+    """
+    The event's own fields, then C{time}, C{level}, C{namespace} and
+    C{text}, which win over fields of the same name (legacy events carry a
+    numeric C{time} of their own).
+    """
     record: dict[str, Any] = {
-        "time": stamp, "level": level.name if level else None,
-        "namespace": event.get("log_namespace"), "text": _event_text(event),
+        key: value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+        for key, value in event.items()
+        if not key.startswith("log_")
     }
-    for key, value in event.items():
-        if not key.startswith("log_"):
-            record[key] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    level = event.get("log_level")
+    record.update(
+        time=stamp, level=level.name if level else None,
+        namespace=event.get("log_namespace"), text=_event_text(event),
+    )
     return json.dumps(record) + "\n"
 
 

@@ -257,3 +257,37 @@ def test_a_stalled_reader_does_not_stall_the_reactor(tmp_path: Path) -> None:
     assert numbers[-1000:] == list(range(8000, 9000))
     assert len(numbers) - 1000 + dropped == 8000
     assert received[-1]["text"] == "Server Shut Down."
+
+
+def test_twisteds_per_port_lines_are_not_written(tmp_path: Path) -> None:
+    """
+    Twisted's ports log "... starting on N" and "(TCP Port N Closed)" (and
+    the same for every UDP session's socket) whatever C{noisy} says; the
+    routes' own start and stop events say it already.
+    """
+    from tests.harness import Relay, Target, write_config
+
+    with Target() as target:
+        echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        echo.bind(("127.0.0.1", 0))
+        text = (
+            "routes:\n"
+            f"  t: {{scheme: tcp4, bind: 127.0.0.1, host: 127.0.0.1, port: ':{target.port}'}}\n"
+            f"  u: {{scheme: udp4, bind: 127.0.0.1, host: 127.0.0.1, port: ':{echo.getsockname()[1]}'}}\n"
+        )
+        with echo, Relay(write_config(tmp_path, text)) as relay:
+            with connect(relay.ports["t"]) as sock:
+                sock.sendall(b"x")
+                assert sock.recv(1) == b"x"
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with client:
+                client.sendto(b"ping", ("127.0.0.1", relay.ports["u"]))
+                data, peer = echo.recvfrom(100)
+                assert data == b"ping"
+                echo.sendto(b"pong", peer)
+                client.settimeout(DEADLINE)
+                assert client.recv(100) == b"pong"
+            relay.stop()
+    chatter = [line for line in relay.lines if re.search(r"starting on \d+|Port \d+ Closed", line)]
+    assert relay.actions("stop") and relay.actions("closed") and relay.actions("session-closed")
+    assert chatter == []
