@@ -15,7 +15,7 @@ beats allow), then allow rules, then C{default}.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from socket import AF_INET, AF_INET6, inet_pton
 from typing import Iterable, Mapping
 
@@ -74,6 +74,13 @@ class AccessList:
     allow_local: bool = True
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    # Derived from the fields above by __post_init__, so left out of
+    # equality: the lookup levels per address family, the verdict when no
+    # rule matches, and that verdict again when no rule can match at all.
+    _v4: _Levels = field(init=False, repr=False, compare=False)
+    _v6: _Levels = field(init=False, repr=False, compare=False)
+    _default: Decision = field(init=False, repr=False, compare=False)
+    _constant: Decision | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         allow = tuple(self.allow)

@@ -7,9 +7,9 @@ host, and how much a client may send before its target is there to take it.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Protocol
 
-__all__ = ["HOLD_LIMIT", "describe", "join_host_port", "unmapped"]
+__all__ = ["HOLD_LIMIT", "HostPort", "describe", "join_host_port", "unmapped"]
 
 #: Bytes held from a client while its target is being reached, before
 #: reading from it pauses (TCP) or its datagrams are dropped (UDP): Twisted's
@@ -22,7 +22,17 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def describe(address: Any) -> str:
+class HostPort(Protocol):
+    """A socket address: Twisted's IPv4Address and IPv6Address are ones."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+def describe(address: HostPort) -> str:
     """C{host:port} of a Twisted IPv4Address or IPv6Address."""
     return join_host_port(address.host, address.port)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet import tcp, udp
-from twisted.internet.interfaces import IProtocol, IReactorTCP
+from twisted.internet.interfaces import Binding, IProtocol, IProtocolFactory, IReactorTCP
 from twisted.python.failure import Failure
 
 __all__ = ["LimitedPort", "SessionPort", "hand_back", "listen_limited", "swap_protocol"]
@@ -44,10 +44,11 @@ class LimitedPort(tcp.Port):
         super().doRead()
 
 
-def listen_limited(reactor: IReactorTCP, port: Any, factory: Any, room: Callable[[], int],
+def listen_limited(reactor: IReactorTCP, port: int | Binding, factory: IProtocolFactory, room: Callable[[], int],
                    backlog: int, interface: str) -> LimitedPort:
     """What C{reactor.listenTCP} does, with a L{LimitedPort}."""
-    listening = LimitedPort(port, factory, backlog, interface, reactor)
+    # tcp.Port takes a makeBinding() too, as listenTCP does; its annotation says int.
+    listening = LimitedPort(port, factory, backlog, interface, reactor)  # type: ignore[arg-type]
     listening.room = room
     listening.startListening()
     return listening

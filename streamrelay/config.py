@@ -13,20 +13,36 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Collection, Final, Literal, Mapping, NoReturn, TypeVar, Union, get_args
 
 import yaml
 
 from .acl import AccessList, AclError
 from .addresses import join_host_port, unmapped
 
-__all__ = ["Config", "ConfigError", "RouteConfig", "load_config", "parse_config"]
+__all__ = [
+    "Config", "ConfigError", "ProxyMode", "RouteConfig", "RouteProtocol", "Scheme", "SpliceSetting",
+    "load_config", "parse_config",
+]
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
-TCP_SCHEMES = ("tcp", "tcp4", "tcp6")
-UDP_SCHEMES = ("udp", "udp4", "udp6")
-SCHEMES = TCP_SCHEMES + UDP_SCHEMES
+#: A route's C{scheme}: its protocol, and an address family (4 or 6) or either.
+Scheme = Literal["tcp", "tcp4", "tcp6", "udp", "udp4", "udp6"]
+#: What a route relays: the first three letters of its scheme.
+RouteProtocol = Literal["tcp", "udp"]
+#: C{proxy_protocol.mode}: whether inbound PROXY headers are refused, required
+#: (C{required}, C{mixed}: from trusted peers) or parsed if present.
+ProxyMode = Literal["disabled", "required", "mixed", "optional"]
+#: C{splice}: C{True}, C{False} or C{"auto"}.
+SpliceSetting = Union[bool, Literal["auto"]]
+
+SCHEMES: Final[tuple[Scheme, ...]] = get_args(Scheme)
+PROXY_MODES: Final[tuple[ProxyMode, ...]] = get_args(ProxyMode)
+
+_T = TypeVar("_T")
+#: A mapping as YAML loaded it: keys and values of any type, checked as read.
+_YAMLMapping = dict[Any, Any]
 
 
 class ConfigError(Exception):
@@ -205,13 +221,15 @@ def _boolean(value: object) -> bool:
     return value
 
 
-def _splice(value: object) -> bool | str:
+def _splice(value: object) -> SpliceSetting:
     """C{auto}, C{true} or C{false}; C{true} only where C{os.splice} exists."""
-    if not isinstance(value, bool) and value != "auto":
+    if value == "auto":
+        return "auto"
+    if not isinstance(value, bool):
         raise _Invalid("auto, true or false")
     if value is True and not hasattr(os, "splice"):
         raise _Invalid("auto or false (this platform has no os.splice: it needs Linux and Python 3.10 or newer)")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def parse_network(value: object) -> IPNetwork:
@@ -224,11 +242,11 @@ def parse_network(value: object) -> IPNetwork:
     raise _Invalid("an IP address or a CIDR block such as 10.0.0.0/8 (no host bits set)")
 
 
-def _choice(*allowed: Any) -> Callable[[object], Any]:
-    def parse(value: object) -> Any:
+def _choice(*allowed: _T) -> Callable[[object], _T]:
+    def parse(value: object) -> _T:
         if isinstance(value, bool) or value not in allowed:
             raise _Invalid("one of " + ", ".join(map(str, allowed)))
-        return value
+        return allowed[allowed.index(value)]  # the allowed value itself, typed as such
 
     return parse
 
@@ -236,14 +254,11 @@ def _choice(*allowed: Any) -> Callable[[object], Any]:
 # ------------------------------------------------------------------ objects
 
 
-PROXY_MODES = ("disabled", "required", "mixed", "optional")
-
-
 @dataclass(frozen=True)
 class ProxyProtocolConfig:
     """Inbound PROXY headers: who may send them, and whether they must."""
 
-    mode: str = "disabled"
+    mode: ProxyMode = "disabled"
     trusted_proxies: tuple[IPNetwork, ...] = ()
     timeout: float = 3.0
     detect_timeout: float = 0.3
@@ -271,7 +286,7 @@ class RouteConfig:
     """One route: where it listens, where it relays to, and how."""
 
     name: str
-    scheme: str
+    scheme: Scheme
     bind: str
     listen_port: int
     host: str
@@ -290,16 +305,16 @@ class RouteConfig:
     acl: AccessList = AccessList.allow_all()
     max_connections: int = 0
     max_connections_per_client: int = 0
-    splice: bool | str = "auto"  # True, False or "auto"
+    splice: SpliceSetting = "auto"
     reuse_port: bool = False
     udp_idle_timeout: float = 300.0
     udp_cleanup_interval: float = 60.0
     max_udp_sessions: int = 4096
 
     @property
-    def protocol(self) -> str:
+    def protocol(self) -> RouteProtocol:
         """C{"tcp"} or C{"udp"}."""
-        return self.scheme[:3]
+        return scheme_protocol(self.scheme)
 
     @property
     def family(self) -> int | None:
@@ -327,6 +342,11 @@ class RouteConfig:
         return join_host_port(self.host, self.target_port)
 
 
+def scheme_protocol(scheme: Scheme) -> RouteProtocol:
+    """What a route of C{scheme} relays: C{"tcp"} or C{"udp"}."""
+    return "udp" if scheme.startswith("udp") else "tcp"
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole route file."""
@@ -341,11 +361,11 @@ class _Tunable:
     """A route field that C{defaults} may also set."""
 
     parse: Callable[[object], Any]
-    protocols: frozenset[str] = field(default=frozenset({"tcp", "udp"}))
+    protocols: frozenset[RouteProtocol] = field(default=frozenset({"tcp", "udp"}))
 
 
-_TCP = frozenset({"tcp"})
-_UDP = frozenset({"udp"})
+_TCP: frozenset[RouteProtocol] = frozenset({"tcp"})
+_UDP: frozenset[RouteProtocol] = frozenset({"udp"})
 
 #: Fields settable per route and in C{defaults}.
 TUNABLES: Mapping[str, _Tunable] = {
@@ -413,16 +433,16 @@ class _Parser:
         where = f"route {route!r}: " if route is not None else ""
         return ConfigError(f"{self.path}: {where}field {name!r}: {message}")
 
-    def value(self, route: str | None, name: str, raw: object, parse: Callable) -> Any:
+    def value(self, route: str | None, name: str, raw: object, parse: Callable[[object], _T]) -> _T:
         try:
             return parse(raw)
         except _Invalid as e:
-            return self._raise(route, name, f"expected {e}, found {raw!r}")
+            self._raise(route, name, f"expected {e}, found {raw!r}")
 
-    def _raise(self, route: str | None, name: str, message: str) -> Any:
+    def _raise(self, route: str | None, name: str, message: str) -> NoReturn:
         raise self.fail(route, name, message)
 
-    def mapping(self, route: str | None, name: str, raw: object, allowed) -> dict:
+    def mapping(self, route: str | None, name: str, raw: object, allowed: Collection[str]) -> _YAMLMapping:
         if not isinstance(raw, dict):
             self._raise(route, name, f"expected a mapping, found {raw!r}")
         for key in raw:
@@ -456,13 +476,13 @@ class _Parser:
     def defaults(self, raw: object) -> dict[str, Any]:
         if raw is None:
             return {}
-        self.mapping(None, "defaults", raw, TUNABLES)
+        defaults = self.mapping(None, "defaults", raw, TUNABLES)
         return {
             key: self.value(None, f"defaults.{key}", value, TUNABLES[key].parse)
-            for key, value in raw.items()
+            for key, value in defaults.items()
         }
 
-    def top_proxy_protocol(self, top: dict) -> ProxyProtocolConfig:
+    def top_proxy_protocol(self, top: _YAMLMapping) -> ProxyProtocolConfig:
         """The top-level block, also accepted as GoDoxy's C{entrypoint.proxy_protocol}."""
         if "entrypoint" in top:
             entrypoint = self.mapping(None, "entrypoint", top["entrypoint"], ("proxy_protocol",))
@@ -479,11 +499,10 @@ class _Parser:
             return AccessList.from_config(raw)
         except AclError as e:
             field_path, _, message = str(e).partition(": ")
-            return self._raise(route, field_path, message)
+            self._raise(route, field_path, message)
 
     def proxy_protocol(self, route: str | None, name: str, raw: object) -> ProxyProtocolConfig:
-        self.mapping(route, name, raw, _PROXY_FIELDS)
-        assert isinstance(raw, dict)
+        raw = self.mapping(route, name, raw, _PROXY_FIELDS)
         settings: dict[str, Any] = {}
         if "mode" in raw:
             settings["mode"] = self.value(route, f"{name}.mode", raw["mode"], _choice(*PROXY_MODES))
@@ -507,12 +526,11 @@ class _Parser:
         return config
 
     def route(self, name: str, raw: object, defaults: dict[str, Any]) -> RouteConfig:
-        self.mapping(name, "", raw, (*_ROUTE_ONLY, *TUNABLES))
-        assert isinstance(raw, dict)
+        raw = self.mapping(name, "", raw, (*_ROUTE_ONLY, *TUNABLES))
         if "scheme" not in raw:
             self._raise(name, "scheme", "missing (one of " + ", ".join(SCHEMES) + ")")
         scheme = self.value(name, "scheme", raw["scheme"], _choice(*SCHEMES))
-        protocol, family = scheme[:3], scheme[3:]
+        protocol, family = scheme_protocol(scheme), scheme[3:]
         if "port" not in raw:
             self._raise(name, "port", 'missing ("LISTEN:TARGET", e.g. "2222:22")')
         listen_port, target_port = self.value(name, "port", raw["port"], parse_port)
@@ -543,7 +561,7 @@ class _Parser:
             host=host, target_port=target_port, **settings,
         )
 
-    def check_family(self, route: str, key: str, scheme: str, address: str) -> None:
+    def check_family(self, route: str, key: str, scheme: Scheme, address: str) -> None:
         try:
             version = ipaddress.ip_address(address).version
         except ValueError:

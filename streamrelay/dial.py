@@ -18,6 +18,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import DNSLookupError, NotConnectingError
 from twisted.internet.interfaces import (
+    IAddress,
     IConnector,
     IHostResolution,
     IReactorPluggableNameResolver,
@@ -44,8 +45,10 @@ class _Addresses:
     def resolutionBegan(self, resolution: IHostResolution) -> None:
         pass
 
-    def addressResolved(self, address: IPv4Address | IPv6Address) -> None:
-        if address.host not in self.found:
+    def addressResolved(self, address: IAddress) -> None:
+        # Only IP addresses are asked for (_ADDRESS_TYPES), or found by
+        # Twisted's resolvers when no type is given.
+        if isinstance(address, (IPv4Address, IPv6Address)) and address.host not in self.found:
             self.found.append(address.host)
 
     def resolutionComplete(self) -> None:
@@ -128,7 +131,7 @@ class Dial(ClientFactory):
             except NotConnectingError:
                 pass  # connected already, or between attempts
 
-    def buildProtocol(self, addr: IPv4Address | IPv6Address) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return self.make_protocol()
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:

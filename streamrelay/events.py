@@ -33,6 +33,7 @@ import time
 import weakref
 from typing import Any, Callable
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from zope.interface import implementer
 
@@ -147,7 +148,9 @@ _PORT_CHATTER = re.compile(r"\S+ starting on \d+|\((?:TCP|UDP) Port \d+ Closed\)
 def is_port_chatter(event: dict[str, Any]) -> bool:
     """Whether a legacy event is one of Twisted's per-port lines (L{_PORT_CHATTER})."""
     message = event.get("message")
-    return bool(message) and len(message) == 1 and _PORT_CHATTER.fullmatch(str(message[0])) is not None
+    if not message:
+        return False
+    return len(message) == 1 and _PORT_CHATTER.fullmatch(str(message[0])) is not None
 
 
 @implementer(ILogObserver)
@@ -376,7 +379,7 @@ class Throttle:
     refused connections cannot flood the log; counts what it holds back.
     """
 
-    def __init__(self, reactor: Any, period: float = 1.0) -> None:
+    def __init__(self, reactor: IReactorTime, period: float = 1.0) -> None:
         self.reactor = reactor
         self.period = period
         self.next_time = 0.0
@@ -403,7 +406,7 @@ class RefusalLog:
 
     __slots__ = ("events", "reactor", "counts", "throttles")
 
-    def __init__(self, events: RouteEvents, reactor: Any) -> None:
+    def __init__(self, events: RouteEvents, reactor: IReactorTime) -> None:
         self.events = events
         self.reactor = reactor
         self.counts: dict[str, int] = {}

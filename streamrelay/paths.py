@@ -24,7 +24,9 @@ Two paths exist:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from twisted.internet.interfaces import IReactorFDSet
 
 from . import splice
 from .hangups import HangupWatch
@@ -94,7 +96,7 @@ class SplicePath:
 
     @classmethod
     def of(
-        cls, client: Side, target: Side, reactor: Any, moved: Callable[[Any, int], None], watch: HangupWatch
+        cls, client: Side, target: Side, reactor: IReactorFDSet, moved: splice.Moved, watch: HangupWatch
     ) -> SplicePath | None:
         """
         A splice path for the pair, if nothing but the pair sees its bytes

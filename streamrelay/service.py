@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import resource
 import socket
-from typing import Any, Mapping
+from typing import Mapping, cast
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.tcp import Binding, makeBinding
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import Binding, IListeningPort
+from twisted.internet.tcp import makeBinding
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import LogLevel
 
@@ -30,6 +31,7 @@ from .config import Config, RouteConfig
 from .events import RefusalLog, RouteEvents
 from .compat import listen_limited
 from .hooks import NO_HOOKS, Hooks, hooks_for
+from .interfaces import IRelayReactor
 from .lifecycle import Input
 from .inbound import ProxyHeaderFactory
 from .tcp import RelayFactory
@@ -52,7 +54,7 @@ class _ListeningService(Service):
     without a privileged phase).
     """
 
-    def __init__(self, route: RouteConfig, reactor: Any) -> None:
+    def __init__(self, route: RouteConfig, reactor: IRelayReactor) -> None:
         self.name = f"route:{route.name}"
         self.route = route
         self.reactor = reactor
@@ -75,6 +77,7 @@ class _ListeningService(Service):
                 f"{route.listen}: {e.socketError}"
             ) from None
         host = self.port.getHost()
+        assert isinstance(host, (IPv4Address, IPv6Address))  # a TCP or UDP port's
         self.events.set_listen(join_host_port(host.host, host.port))
         self.events.info("start")
 
@@ -98,7 +101,9 @@ class _ListeningService(Service):
 class RouteService(_ListeningService):
     """A TCP route: its listening port and the pairs it relays."""
 
-    def __init__(self, route: RouteConfig, shutdown_timeout: float, reactor: Any, hooks: Hooks = NO_HOOKS) -> None:
+    def __init__(
+        self, route: RouteConfig, shutdown_timeout: float, reactor: IRelayReactor, hooks: Hooks = NO_HOOKS
+    ) -> None:
         super().__init__(route, reactor)
         self.shutdown_timeout = shutdown_timeout
         self.factory = RelayFactory(route, self.events, self.refusals, reactor, hooks)
@@ -180,7 +185,7 @@ class RouteService(_ListeningService):
 class UDPRouteService(_ListeningService):
     """A UDP route: its listening socket and the sessions it relays."""
 
-    def __init__(self, route: RouteConfig, reactor: Any, hooks: Hooks = NO_HOOKS) -> None:
+    def __init__(self, route: RouteConfig, reactor: IRelayReactor, hooks: Hooks = NO_HOOKS) -> None:
         super().__init__(route, reactor)
         self.relay = DatagramRelay(route, self.events, self.refusals, reactor, hooks)
 
@@ -204,7 +209,7 @@ class UDPRouteService(_ListeningService):
         super().startService()
         self.relay.start_sweeping()
 
-    def stopService(self) -> Deferred[object]:
+    def stopService(self) -> Deferred[list[tuple[bool, None]]]:
         super().stopService()
         port, self.port = self.port, None
         waiting: list[Deferred[None] | None] = []
@@ -222,7 +227,7 @@ class UDPRouteService(_ListeningService):
 class RelayService(MultiService):
     """Every route of one configuration."""
 
-    def __init__(self, config: Config, reactor: Any, hooks: Mapping[str, Hooks] | None = None) -> None:
+    def __init__(self, config: Config, reactor: IRelayReactor, hooks: Mapping[str, Hooks] | None = None) -> None:
         super().__init__()
         self.config = config
         check_hook_names(config, hooks)
@@ -269,14 +274,19 @@ def raise_descriptor_limit() -> None:
         events.emit(LogLevel.info, "fd-limit", old=soft, new=hard)
 
 
-def make_service(config: Config, hooks: Mapping[str, Hooks] | None = None, reactor: Any = None) -> RelayService:
+def make_service(
+    config: Config, hooks: Mapping[str, Hooks] | None = None, reactor: IRelayReactor | None = None
+) -> RelayService:
     """
     The service for every route of C{config}, ready to be given a parent
     (a twistd application, a C{.tac} file's application, or any
     C{MultiService}).  C{hooks} maps route names (or C{"*"}) to L{Hooks}.
+    C{reactor} defaults to the global one.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor
+        # Typed as the interfaces every reactor has; the posix ones the relay
+        # runs on have the rest (see IRelayReactor).
+        reactor = cast(IRelayReactor, default_reactor)
     return RelayService(config, reactor, hooks)

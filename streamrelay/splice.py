@@ -33,11 +33,11 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IReadWriteDescriptor
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IReactorFDSet, IReadWriteDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -144,7 +144,7 @@ class Splice:
     seen.
     """
 
-    def __init__(self, reactor: Any, first: tcp.Connection, second: tcp.Connection, moved: Moved,
+    def __init__(self, reactor: IReactorFDSet, first: tcp.Connection, second: tcp.Connection, moved: Moved,
                  *, pipes: PipePool = PIPES, watch: HangupWatch | None = None) -> None:
         self.reactor = reactor
         self.moved = moved

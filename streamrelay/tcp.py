@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, ITCPTransport
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -34,7 +34,8 @@ from .config import RouteConfig
 from .dial import Dial, is_ip_literal, resolve
 from .events import RefusalLog, RouteEvents
 from .hangups import HangupWatch, watch_for
-from .hooks import NO_HOOKS, ConnectionContext, Hooks
+from .hooks import NO_HOOKS, ConnectionContext, Hooks, OnRead
+from .interfaces import IRelayReactor, IRelayTransport
 from .lifecycle import DEADLINES, TRANSITIONS, Input, State
 from .paths import TRANSPORTS, RelayPath, SplicePath
 from .proxyproto import PP2_TYPE_UNIQUE_ID, build_v1, build_v2, unify_families
@@ -64,12 +65,12 @@ class Side(Protocol):
     write buffer is full.
     """
 
-    transport: ITCPTransport
+    transport: IRelayTransport
 
     def __init__(self, pair: Pair, name: str) -> None:
         self.pair = pair
         self.name = name
-        self.sink: ITCPTransport | None = None
+        self.sink: IRelayTransport | None = None
         self.received = 0
         self.eof = False
         self.lost = False
@@ -99,7 +100,7 @@ class Side(Protocol):
     def writeConnectionLost(self) -> None:
         """Our FIN went out; nothing to do until the peer finishes too."""
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         self.unwatch()
         self.pair.side_lost(self, reason)
@@ -136,13 +137,19 @@ class ObservedSide(Side):
 
     def __init__(self, pair: Pair, name: str) -> None:
         super().__init__(pair, name)
+        on_read = pair.factory.hooks.on_read
+        assert on_read is not None  # the factory only makes these for routes with the hook
+        self.on_read: OnRead = on_read
         self.direction = "up" if name == "client" else "down"
         self.observing = True
 
     def dataReceived(self, data: bytes) -> None:
         if self.observing:
             try:
-                self.pair.factory.hooks.on_read(self.pair.context, len(data), self.direction)  # type: ignore[misc]
+                # The context is None only for a client refused (ACL, limits)
+                # before it was built that is still handed the bytes which
+                # followed its inbound PROXY header.
+                self.on_read(self.pair.context, len(data), self.direction)  # type: ignore[arg-type]
             except Exception as e:
                 self.observing = False
                 self.pair.factory.events.warn(
@@ -241,7 +248,7 @@ class Pair:
         factory = self.factory
         peer = self.client.transport.getPeer()
         self.peer = describe(peer)
-        self.client_host = peer.host  # type: ignore[attr-defined]
+        self.client_host = peer.host
         factory.events.debug("accept", conn=self.id, client=self.peer)
         self.arm(State.CHECKING)
         route = factory.route
@@ -254,18 +261,20 @@ class Pair:
             self.feed(Input.REFUSED, detail=("limited", {"reason": "max_connections_per_client reached"}))
             return
         pre_dial = factory.hooks.pre_dial
-        if factory.hooks.on_read is not None or pre_dial is not None:
-            host = self.client.transport.getHost()
-            self.context = ConnectionContext(
-                route.name, self.id, (self.client_host, peer.port),  # type: ignore[attr-defined]
-                (host.host, host.port), (route.host, route.target_port),  # type: ignore[attr-defined]
-            )
+        if factory.hooks.on_read is None and pre_dial is None:
+            self.feed(Input.ADMITTED)
+            return
+        host = self.client.transport.getHost()
+        self.context = context = ConnectionContext(
+            route.name, self.id, (self.client_host, peer.port),
+            (host.host, host.port), (route.host, route.target_port),
+        )
         if pre_dial is None:
             self.feed(Input.ADMITTED)
             return
         # maybeDeferred turns a raise into a failure and awaits coroutines;
         # cancelling it (the client left, the budget ran out) cancels those.
-        self.pending = checking = maybeDeferred(pre_dial, self.context)
+        self.pending = checking = maybeDeferred(pre_dial, context)
         checking.addCallbacks(self.pre_dial_done, self.pre_dial_failed)
 
     def pre_dial_done(self, allowed: object) -> None:
@@ -277,6 +286,7 @@ class Pair:
 
     def pre_dial_failed(self, reason: Failure) -> None:
         self.pending = None
+        # Failure.type is only None before a Failure is built (Twisted's inferred type).
         why = reason.getErrorMessage() or reason.type.__name__  # type: ignore[union-attr]
         self.feed(Input.REFUSED, detail=("refused", {"reason": f"pre_dial failed: {why}"}))
 
@@ -416,9 +426,7 @@ class Pair:
         inbound header, else the socket peer) and the address it reached.
         """
         peer, host = self.client.transport.getPeer(), self.client.transport.getHost()
-        source, destination = unify_families(
-            (peer.host, peer.port), (host.host, host.port)  # type: ignore[attr-defined]
-        )
+        source, destination = unify_families((peer.host, peer.port), (host.host, host.port))
         route = self.factory.route
         if route.proxy_protocol_version == 1:
             return build_v1(source, destination)
@@ -435,7 +443,7 @@ class RelayFactory(ServerFactory):
     noisy = False
 
     def __init__(
-        self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: Any,
+        self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: IRelayReactor,
         hooks: Hooks = NO_HOOKS,
     ) -> None:
         self.route = route
@@ -451,7 +459,7 @@ class RelayFactory(ServerFactory):
         #: Called whenever the number of open pairs changes (connection limits).
         self.changed: Callable[[], None] = _nothing
 
-    def buildProtocol(self, addr: Any) -> Side:
+    def buildProtocol(self, addr: IAddress | None) -> Side:
         pair = Pair(self)
         self.pairs.add(pair)
         self.changed()

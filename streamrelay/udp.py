@@ -50,6 +50,7 @@ from .config import RouteConfig
 from .dial import resolve
 from .events import RefusalLog, RouteEvents
 from .hooks import NO_HOOKS, ConnectionContext, Hooks, OnRead, PreDial
+from .interfaces import IRelayReactor
 
 __all__ = ["MAX_DATAGRAM", "DatagramRelay", "ObservedSession", "Session"]
 
@@ -156,7 +157,9 @@ class Session(DatagramProtocol):
     def decision_failed(self, reason: Failure) -> None:
         if not self.closed:  # else cancelled because the session went away
             self.decision = None
-            self.refuse(f"pre_dial failed: {reason.getErrorMessage() or reason.type.__name__}")
+            # Failure.type is only None before a Failure is built (Twisted's inferred type).
+            why = reason.getErrorMessage() or reason.type.__name__  # type: ignore[union-attr]
+            self.refuse(f"pre_dial failed: {why}")
 
     def refuse(self, reason: str) -> None:
         """
@@ -300,7 +303,8 @@ class DatagramRelay(DatagramProtocol):
     noisy = False
 
     def __init__(
-        self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: Any, hooks: Hooks = NO_HOOKS
+        self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: IRelayReactor,
+        hooks: Hooks = NO_HOOKS,
     ) -> None:
         self.route = route
         self.events = events

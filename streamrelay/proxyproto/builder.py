@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Sequence
+from typing import Literal
 
 import crc32c as _crc32c
 
@@ -58,8 +59,8 @@ def build_v2(
     source: Endpoint | None,
     destination: Endpoint | None,
     *,
-    command: str = "PROXY",
-    transport: str = "TCP",
+    command: Literal["PROXY", "LOCAL"] = "PROXY",
+    transport: Literal["TCP", "UDP"] = "TCP",
     tlvs: Sequence[tuple[int, bytes]] = (),
     crc32c: bool = False,
 ) -> bytes:
