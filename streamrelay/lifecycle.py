@@ -20,13 +20,16 @@ after the client left) end up doing nothing.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Final, Literal
+
+# StrEnum, not Enum: the table is looked up for every input of every
+# connection, and a plain Enum member hashes in Python, a str in C.
 
 __all__ = ["DEADLINES", "IGNORED", "TRANSITIONS", "Action", "Input", "State"]
 
 
-class State(Enum):
+class State(StrEnum):
     CHECKING = "checking"  # access control, limits and the pre_dial hook
     DIALING = "dialing"  # resolving the target and connecting to it
     RELAYING = "relaying"
@@ -35,7 +38,7 @@ class State(Enum):
     CLOSED = "closed"
 
 
-class Input(Enum):
+class Input(StrEnum):
     ADMITTED = "admitted"  # ACL, limits and pre_dial let the client through
     REFUSED = "refused"  # one of them did not
     CONNECTED = "connected"  # the target accepted

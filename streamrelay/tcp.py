@@ -144,12 +144,12 @@ class ObservedSide(Side):
         self.observing = True
 
     def dataReceived(self, data: bytes) -> None:
-        if self.observing:
+        context = self.pair.context
+        # No context: a client refused (ACL, limits) before one was built,
+        # still handed the bytes that followed its inbound PROXY header.
+        if self.observing and context is not None:
             try:
-                # The context is None only for a client refused (ACL, limits)
-                # before it was built that is still handed the bytes which
-                # followed its inbound PROXY header.
-                self.on_read(self.pair.context, len(data), self.direction)  # type: ignore[arg-type]
+                self.on_read(context, len(data), self.direction)
             except Exception as e:
                 self.observing = False
                 self.pair.factory.events.warn(
@@ -202,13 +202,12 @@ class Pair:
 
     def arm(self, state: State) -> None:
         """Start C{state}'s deadline; DIALING keeps the one CHECKING started."""
-        setting = DEADLINES[state]
-        if setting is None and state is State.DIALING:
+        if state is State.DIALING:
             return
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        period = getattr(self.factory.route, setting) if setting else 0.0
+        period = self.factory.deadlines[state]
         if period:
             self.timer_period = period
             self.timer = self.factory.reactor.callLater(period, self.timed_out)
@@ -453,6 +452,7 @@ class RelayFactory(ServerFactory):
         self.hooks = hooks
         self.side_class: type[Side] = Side if hooks.on_read is None else ObservedSide
         self.splicing = splicing(route, hooks)
+        self.deadlines = deadlines(route, hooks)
         self.watch: HangupWatch = watch_for(reactor)
         self.pairs: set[Pair] = set()
         self.per_client: dict[str, int] = {}
@@ -484,6 +484,19 @@ class RelayFactory(ServerFactory):
             if count:
                 self.per_client[pair.client_host] = count
         self.changed()
+
+
+def deadlines(route: RouteConfig, hooks: Hooks) -> dict[State, float]:
+    """
+    Each state's deadline on this route, in seconds (0: none).  Where nothing
+    but the connect attempts can take time (no C{pre_dial} hook, an IP
+    literal target, no C{dial_timeout} of its own), their own timeouts add up
+    to the default budget, so CHECKING needs no timer of its own.
+    """
+    periods = {state: float(getattr(route, setting)) if setting else 0.0 for state, setting in DEADLINES.items()}
+    if not route.dial_timeout and hooks.pre_dial is None and is_ip_literal(route.host):
+        periods[State.CHECKING] = 0.0
+    return periods
 
 
 def splicing(route: RouteConfig, hooks: Hooks) -> bool:

@@ -332,7 +332,7 @@ def test_the_dial_budget_cuts_a_hook_short(logged: list[dict[str, Any]]) -> None
 
 
 def test_the_dial_budget_covers_a_target_that_never_answers(logged: list[dict[str, Any]]) -> None:
-    rig = Rig(connect_timeout="1s", retries=1)
+    rig = Rig(connect_timeout="1s", retries=1, dial_timeout="2s")
     rig.factory.events = RouteEvents(rig.route)
     assert rig.route.dial_budget == 2.0
     pair, client, client_transport = rig.accept()
@@ -348,6 +348,21 @@ def test_the_dial_budget_covers_a_target_that_never_answers(logged: list[dict[st
     dial.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
     assert len(rig.reactor.tcpClients) == 1
     assert len([e for e in logged if e["action"] == "dial-failed"]) == 1
+
+
+def test_a_literal_target_without_hook_leaves_the_budget_to_the_attempts() -> None:
+    """
+    With no hook, an IP literal and no dial_timeout of its own, only the
+    connect attempts take time, and their own timeouts (connect_timeout
+    each, retries + 1 of them) add up to the default budget: no pair timer.
+    """
+    rig = Rig(connect_timeout="1s", retries=2)
+    pair, _, _ = rig.accept()
+    rig.dial()
+    assert state(pair) is State.DIALING
+    assert rig.reactor.getDelayedCalls() == []
+    assert rig.reactor.tcpClients[0][3] == 1.0 and rig.route.dial_budget == 3.0
+    assert Rig(connect_timeout="1s", dial_timeout="5s").factory.deadlines[State.CHECKING] == 5.0
 
 
 def test_a_refused_dial_is_retried_then_given_up() -> None:
