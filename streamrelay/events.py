@@ -8,9 +8,12 @@ machine-readable records while the text log stays readable.  Events below the
 process log level are dropped before any event dict is built, so
 per-connection debug events cost nothing when debug logging is off.
 
-The observers behind C{--logger} never write on the reactor thread: it only
-appends each line to a buffer of at most L{BUFFER_LIMIT} characters, and a
-thread of the observer's own writes the buffer out.  A reader that stops
+The observers behind C{--logger} never wait for a reader on the reactor
+thread.  Where standard output is a regular file (or C{/dev/null}), whose
+writes wait for no reader, they write each line at once.  Otherwise (a pipe,
+a socket, a terminal) the reactor thread only appends each line to a buffer
+of at most L{BUFFER_LIMIT} characters, and a thread of the observer's own
+writes the buffer out.  A reader that stops
 reading (a blocked pipe, a stalled journald) then costs log lines, dropped
 and counted (L{dropped_lines}), instead of stopping every relay.  A thread
 rather than non-blocking writes driven by the reactor: standard output may be
@@ -27,6 +30,7 @@ import json
 import os
 import re
 import select
+import stat
 import sys
 import threading
 import time
@@ -171,6 +175,9 @@ class LineObserver:
         self.fd = fd
         self.line = line
         self.limit = limit
+        #: Write on the caller's thread: a file's writes wait for no reader,
+        #: and a thread costs more (it takes the GIL from the reactor).
+        self.direct = _never_waits_for_a_reader(fd)
         self.second = -1
         self.stamp = ""
         #: Lines dropped since the start.
@@ -206,6 +213,12 @@ class LineObserver:
             self.flush(self.deadline - time.monotonic())
 
     def _put(self, line: str) -> None:
+        if self.direct:
+            try:
+                _write_all(self.fd, line.encode("utf-8", "backslashreplace"))
+            except OSError:
+                self.dropped += 1
+            return
         with self.wake:
             idle = not self.pending and not self.unreported  # else the writer will look again
             if self.size + len(line) > self.limit:
@@ -283,6 +296,15 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _never_waits_for_a_reader(fd: int) -> bool:
+    """Whether C{fd} is a regular file or a device other than a terminal (C{/dev/null})."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd))
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -291,3 +291,19 @@ def test_twisteds_per_port_lines_are_not_written(tmp_path: Path) -> None:
     chatter = [line for line in relay.lines if re.search(r"starting on \d+|Port \d+ Closed", line)]
     assert relay.actions("stop") and relay.actions("closed") and relay.actions("session-closed")
     assert chatter == []
+
+
+def test_a_regular_file_is_written_at_once_without_a_thread(tmp_path: Path) -> None:
+    """A file's writes wait for no reader: no thread, each line written before the call returns."""
+    path = tmp_path / "log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        observer = LineObserver(fd, events._text_line)
+        publisher = LogPublisher(observer)
+        Logger(observer=publisher).info("first {n}", n=1)
+        assert path.read_text().endswith("first 1\n")
+        assert observer.direct and observer.writer is None
+    finally:
+        os.close(fd)
+    with open(os.devnull, "w") as devnull:
+        assert LineObserver(devnull.fileno(), events._text_line).direct
