@@ -199,6 +199,32 @@ def parse_address(value: object) -> str:
         raise _Invalid("an IPv4 or IPv6 address") from None
 
 
+def parse_status_listen(value: object) -> str:
+    """
+    The status endpoint: C{IP:port} (C{[v6]:port} for IPv6) becomes a
+    C{tcp:} endpoint string bound to that address; a Twisted server endpoint
+    string (C{tcp:}, C{tcp6:}, C{unix:}, C{systemd:}, C{ssl:}) is kept.
+    """
+    expected = 'an IP:port such as "127.0.0.1:9180" or a server endpoint such as "unix:/run/streamrelay.sock"'
+    if not isinstance(value, str) or not value:
+        raise _Invalid(expected)
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+):(\d+)", value)
+    if match:
+        host = match.group(1) or match.group(3)
+        port = match.group(2) or match.group(4)
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise _Invalid(expected) from None
+        number = _port_number(port, 0, "a listening")
+        if address.version == 6:
+            return f"tcp6:{number}:interface={str(address).replace(':', chr(92) + ':')}"
+        return f"tcp:{number}:interface={address}"
+    if value.partition(":")[0] in _ENDPOINT_TYPES and ":" in value:
+        return value
+    raise _Invalid(expected)
+
+
 _HOSTNAME = re.compile(
     r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+", re.ASCII
 )
@@ -354,6 +380,21 @@ class Config:
     path: str
     routes: tuple[RouteConfig, ...]
     shutdown_timeout: float = 10.0
+    status: StatusConfig | None = None
+
+
+#: Who may read the status endpoint when its block has no C{acl}: loopback.
+_STATUS_ACL = {"default": "deny", "allow_local": False, "allow": ["cidr:127.0.0.0/8", "cidr:::1/128"]}
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    """The status endpoint: metrics, the status page and its JSON, health."""
+
+    #: A Twisted server endpoint string (an C{IP:port} in the file becomes C{tcp:...}).
+    endpoint: str
+    #: Who may connect (over TCP); loopback only unless the file says otherwise.
+    acl: AccessList = field(default_factory=lambda: AccessList.from_config(_STATUS_ACL))
 
 
 @dataclass(frozen=True)
@@ -389,7 +430,10 @@ TUNABLES: Mapping[str, _Tunable] = {
 }
 
 _ROUTE_ONLY = ("scheme", "bind", "host", "port", "proxy_protocol", "acl")
-_TOP_LEVEL = ("defaults", "routes", "shutdown_timeout", "proxy_protocol", "entrypoint", "acl")
+_TOP_LEVEL = ("defaults", "routes", "shutdown_timeout", "proxy_protocol", "entrypoint", "acl", "status")
+_STATUS_FIELDS = ("listen", "acl")
+#: Server endpoint types the status block may name (Twisted's, by their prefix).
+_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd", "ssl")
 _PROXY_FIELDS = ("mode", "trusted_proxies", "timeout", "detect_timeout")
 
 
@@ -466,12 +510,23 @@ class _Parser:
             self.route(str(name), raw, defaults) for name, raw in routes_raw.items()
         )
         self.check_clashes(routes)
-        extra = {}
+        extra: dict[str, Any] = {}
+        if "status" in top:
+            extra["status"] = self.status(top["status"])
         if "shutdown_timeout" in top:
             extra["shutdown_timeout"] = self.value(
                 None, "shutdown_timeout", top["shutdown_timeout"], parse_duration
             )
         return Config(path=self.path, routes=routes, **extra)
+
+    def status(self, raw: object) -> StatusConfig:
+        block = self.mapping(None, "status", raw, _STATUS_FIELDS)
+        if "listen" not in block:
+            self._raise(None, "status.listen", 'missing (an IP:port such as "127.0.0.1:9180")')
+        endpoint = self.value(None, "status.listen", block["listen"], parse_status_listen)
+        if "acl" in block:
+            return StatusConfig(endpoint, self.acl(None, block["acl"], "status.acl"))
+        return StatusConfig(endpoint)
 
     def defaults(self, raw: object) -> dict[str, Any]:
         if raw is None:
@@ -494,12 +549,12 @@ class _Parser:
             return self.proxy_protocol(None, "proxy_protocol", top["proxy_protocol"])
         return ProxyProtocolConfig()
 
-    def acl(self, route: str | None, raw: object) -> AccessList:
+    def acl(self, route: str | None, raw: object, name: str = "acl") -> AccessList:
         try:
             return AccessList.from_config(raw)
         except AclError as e:
             field_path, _, message = str(e).partition(": ")
-            self._raise(route, field_path, message)
+            self._raise(route, name + field_path.removeprefix("acl"), message)
 
     def proxy_protocol(self, route: str | None, name: str, raw: object) -> ProxyProtocolConfig:
         raw = self.mapping(route, name, raw, _PROXY_FIELDS)

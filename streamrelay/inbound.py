@@ -38,6 +38,7 @@ from .events import RefusalLog, RouteEvents
 from .proxyproto.exceptions import InvalidProxyHeader
 from .proxyproto.info import ProxyInfo
 from .proxyproto.parser import Detection, detect, parse
+from .stats import RouteStats
 
 __all__ = ["Expect", "ProxyHeaderFactory", "ProxyHeaderProtocol", "expectation"]
 
@@ -94,7 +95,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self.peer = describe(peer)
         self.expect = expectation(config, peer.host)
         if self.expect is Expect.NOTHING:
-            self.reject("untrusted peer: mode required accepts only trusted_proxies")
+            self.reject("untrusted", "untrusted peer: mode required accepts only trusted_proxies")
             return
         self.factory.pending.add(self)
         self.factory.changed()
@@ -115,7 +116,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             if detection is Detection.UNDECIDED:
                 return
             if self.expect is Expect.NO_HEADER:
-                self.reject("PROXY header from an untrusted peer (spoofing attempt)")
+                self.reject("untrusted", "PROXY header from an untrusted peer (spoofing attempt)")
                 return
             self.expect = Expect.HEADER
         else:
@@ -123,7 +124,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         try:
             parsed = parse(self.received)
         except InvalidProxyHeader as e:
-            self.reject(f"invalid PROXY header: {e}")
+            self.reject("invalid", f"invalid PROXY header: {e}")
             return
         if parsed is not None:
             self.settle(*parsed)
@@ -131,13 +132,13 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def timed_out(self) -> None:
         self.timer = None
         if self.expect is Expect.HEADER:
-            self.reject("PROXY header timeout")
+            self.reject("timeout", "PROXY header timeout")
         else:
             self.settle()  # silence, or bytes that never became a header
 
     def readConnectionLost(self) -> None:
         if self.expect is Expect.HEADER:
-            self.reject("closed before the PROXY header was complete")
+            self.reject("incomplete", "closed before the PROXY header was complete")
         else:
             self.settle(eof=True)
 
@@ -153,12 +154,14 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             self.timer.cancel()
             self.timer = None
 
-    def reject(self, reason: str) -> None:
+    def reject(self, kind: str, reason: str) -> None:
         """
         Reset the connection; the route's refusal log counts every rejection
         but logs about one a second, so a flood of bad peers is no log flood.
+        C{kind} is what the route's statistics count it as.
         """
         self.stop_waiting()
+        self.factory.stats.header_errors[kind] += 1
         self.factory.refusals.refuse("rejected", client=self.peer, reason=reason)
         self.transport.abortConnection()
 
@@ -205,11 +208,13 @@ class ProxyHeaderFactory(ServerFactory):
         events: RouteEvents,
         refusals: RefusalLog,
         reactor: IReactorTime,
+        stats: RouteStats | None = None,
     ) -> None:
         self.wrapped = wrapped
         self.config = config
         self.events = events
         self.refusals = refusals
+        self.stats = stats or RouteStats()
         self.reactor = reactor
         self.pending: set[ProxyHeaderProtocol] = set()
         #: Called whenever C{pending} changes (connection limits).

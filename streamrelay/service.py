@@ -34,6 +34,8 @@ from .hooks import NO_HOOKS, Hooks, hooks_for
 from .interfaces import IRelayReactor
 from .lifecycle import Input
 from .inbound import ProxyHeaderFactory
+from .stats import RouteStats
+from .status import StatusService
 from .tcp import RelayFactory
 from .udp import MAX_DATAGRAM, DatagramRelay
 
@@ -60,6 +62,7 @@ class _ListeningService(Service):
         self.reactor = reactor
         self.events = RouteEvents(route)
         self.refusals = RefusalLog(self.events, reactor)
+        self.stats = RouteStats()
         self.port: IListeningPort | None = None
 
     def listen(self) -> IListeningPort:
@@ -106,12 +109,12 @@ class RouteService(_ListeningService):
     ) -> None:
         super().__init__(route, reactor)
         self.shutdown_timeout = shutdown_timeout
-        self.factory = RelayFactory(route, self.events, self.refusals, reactor, hooks)
+        self.factory = RelayFactory(route, self.events, self.refusals, reactor, hooks, self.stats)
         self.header_factory: ProxyHeaderFactory | None = None
         self.listening_factory: ServerFactory = self.factory
         if route.proxy_protocol.mode != "disabled":
             self.header_factory = ProxyHeaderFactory(
-                self.factory, route.proxy_protocol, self.events, self.refusals, reactor
+                self.factory, route.proxy_protocol, self.events, self.refusals, reactor, self.stats
             )
             self.listening_factory = self.header_factory
         if route.max_connections:
@@ -187,7 +190,7 @@ class UDPRouteService(_ListeningService):
 
     def __init__(self, route: RouteConfig, reactor: IRelayReactor, hooks: Hooks = NO_HOOKS) -> None:
         super().__init__(route, reactor)
-        self.relay = DatagramRelay(route, self.events, self.refusals, reactor, hooks)
+        self.relay = DatagramRelay(route, self.events, self.refusals, reactor, hooks, self.stats)
 
     def listen(self) -> IListeningPort:
         route = self.route
@@ -217,7 +220,7 @@ class UDPRouteService(_ListeningService):
             waiting.append(port.stopListening())
             relay = self.relay
             self.events.info(
-                "stop", sessions=relay.opened, refused=relay.refused, denied=relay.denied,
+                "stop", sessions=relay.stats.sessions_opened, refused=relay.refused, denied=relay.denied,
                 unreachable=relay.unreachable,
             )
         waiting += self.relay.close_all("shutdown")
@@ -238,6 +241,8 @@ class RelayService(MultiService):
             else:
                 service = UDPRouteService(route, reactor, hooks_for(hooks, route.name))
             service.setServiceParent(self)
+        if config.status is not None:
+            StatusService(config.status, self, reactor).setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         raise_descriptor_limit()

@@ -39,6 +39,7 @@ from .interfaces import IRelayReactor, IRelayTransport
 from .lifecycle import DEADLINES, TRANSITIONS, Input, State
 from .paths import TRANSPORTS, RelayPath, SplicePath
 from .proxyproto import PP2_TYPE_UNIQUE_ID, build_v1, build_v2, unify_families
+from .stats import RouteStats, dial_failure_kind
 
 __all__ = ["Pair", "RelayFactory", "Side"]
 
@@ -212,6 +213,17 @@ class Pair:
             self.timer_period = period
             self.timer = self.factory.reactor.callLater(period, self.timed_out)
 
+    def idle_seconds(self) -> float | None:
+        """
+        Seconds since bytes last moved, where a deadline keeps track of it
+        (C{idle_timeout}, C{half_close_timeout}); C{None} elsewhere, as
+        nothing on the relay path notes the time of each read.
+        """
+        timer = self.timer
+        if timer is None or self.state not in (State.RELAYING, State.HALF_CLOSED):
+            return None
+        return max(0.0, self.timer_period - (timer.getTime() - self.factory.reactor.seconds()))
+
     def timed_out(self) -> None:
         self.timer = None
         self.feed(Input.TIMEOUT, detail=_TIMEOUT_REASONS[self.state])
@@ -248,6 +260,7 @@ class Pair:
         peer = self.client.transport.getPeer()
         self.peer = describe(peer)
         self.client_host = peer.host
+        factory.stats.accepted += 1
         factory.events.debug("accept", conn=self.id, client=self.peer)
         self.arm(State.CHECKING)
         route = factory.route
@@ -311,7 +324,7 @@ class Pair:
 
     def dial_failed(self, reason: Failure) -> None:
         self.pending = None
-        self.feed(Input.DIAL_FAILED, detail=reason.getErrorMessage())
+        self.feed(Input.DIAL_FAILED, detail=(dial_failure_kind(reason), reason.getErrorMessage()))
 
     def refuse(self, side: None, detail: tuple[str, dict[str, str]]) -> None:
         """Reset a client that may not be relayed; logged per kind, throttled."""
@@ -321,11 +334,16 @@ class Pair:
         self.factory.refusals.refuse(kind, conn=self.id, client=self.peer, **fields)
         self.path.abort(self.client)
 
-    def give_up(self, side: None, detail: str) -> None:
-        """The target cannot be reached (in time): close the client."""
+    def give_up(self, side: None, detail: str | tuple[str, str]) -> None:
+        """
+        The target cannot be reached (in time): close the client.  C{detail}
+        is the budget's timeout reason, or a failed dial's kind and message.
+        """
+        kind, message = detail if isinstance(detail, tuple) else ("timeout", detail)
         self.reason = "dial failed"
         self.stop_reaching()
-        self.factory.events.warn("dial-failed", conn=self.id, client=self.peer, reason=detail)
+        self.factory.stats.dial_failures[kind] += 1
+        self.factory.events.warn("dial-failed", conn=self.id, client=self.peer, reason=message)
         self.path.close(self.client)
 
     def relay(self, target: Side, detail: None) -> None:
@@ -350,6 +368,7 @@ class Pair:
             spliced = SplicePath.of(self.client, target, factory.reactor, self.spliced_bytes, factory.watch)
             if spliced is not None:
                 self.path = spliced
+                factory.stats.spliced += 1
                 factory.events.debug("spliced", conn=self.id, client=self.peer)
         self.path.start(self.client, target, preamble)
         if self.client.eof:
@@ -386,8 +405,12 @@ class Pair:
         """Every socket is closed: log, count, and tell whoever waits."""
         self.stop_reaching()
         factory = self.factory
+        target_bytes = self.target.received if self.target is not None else 0
+        stats = factory.stats
+        stats.closed[self.reason] += 1
+        stats.bytes_up += self.client.received
+        stats.bytes_down += target_bytes
         if not self.refused:
-            target_bytes = self.target.received if self.target is not None else 0
             factory.events.info(
                 "closed", conn=self.id, client=self.peer, reason=self.reason,
                 duration=factory.reactor.seconds() - self.started,
@@ -443,13 +466,14 @@ class RelayFactory(ServerFactory):
 
     def __init__(
         self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: IRelayReactor,
-        hooks: Hooks = NO_HOOKS,
+        hooks: Hooks = NO_HOOKS, stats: RouteStats | None = None,
     ) -> None:
         self.route = route
         self.events = events
         self.refusals = refusals
         self.reactor = reactor
         self.hooks = hooks
+        self.stats = stats or RouteStats()
         self.side_class: type[Side] = Side if hooks.on_read is None else ObservedSide
         self.splicing = splicing(route, hooks)
         self.deadlines = deadlines(route, hooks)

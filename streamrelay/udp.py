@@ -51,6 +51,7 @@ from .dial import resolve
 from .events import RefusalLog, RouteEvents
 from .hooks import NO_HOOKS, ConnectionContext, Hooks, OnRead, PreDial
 from .interfaces import IRelayReactor
+from .stats import RouteStats
 
 __all__ = ["MAX_DATAGRAM", "DatagramRelay", "ObservedSession", "Session"]
 
@@ -175,7 +176,7 @@ class Session(DatagramProtocol):
     def open(self) -> None:
         """Admitted: resolve the target's name, then connect."""
         relay = self.relay
-        relay.opened += 1
+        relay.stats.sessions_opened += 1
         resolve(relay.reactor, relay.route.host, relay.route.family).addCallbacks(
             self.connect, self.resolve_failed
         )
@@ -243,6 +244,12 @@ class Session(DatagramProtocol):
         del self.relay.sessions[self.client]
         self.dropped += len(self.held)
         self.held = []
+        stats = self.relay.stats
+        stats.datagrams_up += self.datagrams_up
+        stats.datagrams_down += self.datagrams_down
+        stats.datagrams_dropped += self.dropped
+        stats.bytes_up += self.bytes_up
+        stats.bytes_down += self.bytes_down
         if self.decision is not None:
             decision, self.decision = self.decision, None
             decision.cancel()
@@ -256,6 +263,7 @@ class Session(DatagramProtocol):
             return None
         self.leave()
         relay = self.relay
+        relay.stats.sessions_closed[reason] += 1
         relay.events.info(
             "session-closed", conn=self.id, client=join_host_port(*self.client), reason=reason,
             duration=relay.reactor.seconds() - self.started,
@@ -304,17 +312,17 @@ class DatagramRelay(DatagramProtocol):
 
     def __init__(
         self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: IRelayReactor,
-        hooks: Hooks = NO_HOOKS,
+        hooks: Hooks = NO_HOOKS, stats: RouteStats | None = None,
     ) -> None:
         self.route = route
         self.events = events
         self.refusals = refusals
         self.reactor = reactor
         self.hooks = hooks
+        self.stats = stats or RouteStats()
         self.sessions: dict[Address, Session] = {}
         self.sweeper = LoopingCall(self.sweep)
         self.sweeper.clock = reactor
-        self.opened = 0
         self.unreachable = 0
 
     #: The listening socket's own C{sendto}, for the sessions' replies.
