@@ -10,6 +10,7 @@ stream routes where the two overlap.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from .acl import AccessList, AclError
 from .addresses import join_host_port, unmapped
 
 __all__ = [
-    "Config", "ConfigError", "ProxyMode", "RouteConfig", "RouteProtocol", "Scheme", "SpliceSetting",
+    "Config", "ConfigError", "ProxyMode", "RouteConfig", "RouteLoader", "RouteProtocol", "Scheme",
+    "SpliceSetting", "StatusConfig",
     "load_config", "parse_config",
 ]
 
@@ -59,7 +61,7 @@ class _Invalid(ValueError):
 # ---------------------------------------------------------------- YAML loading
 
 
-class _Loader(yaml.SafeLoader):
+class RouteLoader(yaml.SafeLoader):
     """
     SafeLoader with YAML 1.2 numbers, no duplicate keys and a nesting limit.
 
@@ -100,14 +102,14 @@ class _Loader(yaml.SafeLoader):
 
 _INT_TAG = "tag:yaml.org,2002:int"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {
+RouteLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver(
+RouteLoader.add_implicit_resolver(
     _INT_TAG, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789")
 )
-_Loader.add_implicit_resolver(
+RouteLoader.add_implicit_resolver(
     _FLOAT_TAG,
     re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$"),
     list("-+0123456789."),
@@ -122,8 +124,17 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 def parse_duration(value: object) -> float:
     """
-    Seconds from C{250ms}, C{5s}, C{1m30s}, C{2h} or a plain number of seconds.
+    Seconds from C{250ms}, C{5s}, C{1m30s}, C{2h} or a plain number of
+    seconds; never infinite (C{1.0e400} and 400 nines are numbers too).
     """
+    seconds = _duration(value)
+    if not math.isfinite(seconds):
+        raise _Invalid("a finite duration such as 250ms, 5s, 1m30s, 2h or a number of seconds")
+    return seconds
+
+
+def _duration(value: object) -> float:
+    """What L{parse_duration} parses, infinities included."""
     expected = "a duration such as 250ms, 5s, 1m30s, 2h or a number of seconds"
     if isinstance(value, bool):
         raise _Invalid(expected)
@@ -457,7 +468,7 @@ def load_config(path: str) -> Config:
 def parse_config(text: str, path: str = "<string>") -> Config:
     """Validate route file contents; C{path} is only used in messages."""
     try:
-        document = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+        document = yaml.load(text, Loader=RouteLoader)  # noqa: S506 - a SafeLoader
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -506,8 +517,12 @@ class _Parser:
         routes_raw = top.get("routes")
         if not isinstance(routes_raw, dict) or not routes_raw:
             raise self.fail(None, "routes", f"expected a mapping of route names to routes, found {routes_raw!r}")
+        names = [str(name) for name in routes_raw]
+        for name in names:
+            if names.count(name) > 1:  # e.g. 1 and "1": one route name twice
+                raise self.fail(None, "routes", f"route name {name!r} is given twice (as a number and as text)")
         routes = tuple(
-            self.route(str(name), raw, defaults) for name, raw in routes_raw.items()
+            self.route(name, raw, defaults) for name, raw in zip(names, routes_raw.values())
         )
         self.check_clashes(routes)
         extra: dict[str, Any] = {}

@@ -3,7 +3,9 @@ The twistd plugin's command line: C{twistd streamrelay --config FILE}.
 
 The route file is loaded and validated while the options are parsed, so a
 bad file stops twistd before it daemonizes or binds anything.  twistd's own
-options are checked here too, where a mistake would do lasting harm.
+options are checked here too, where a mistake would do lasting harm.  For the
+same reason C{--check} and C{--dump} print and exit from here: twistd has
+done nothing yet that needs undoing.
 """
 
 from __future__ import annotations
@@ -14,20 +16,27 @@ from typing import Any, Mapping
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
+from .dump import report
 from .events import LEVELS, set_log_level
 from .service import make_service
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "load_routes", "makeService"]
 
 
 class Options(usage.Options):
-    synopsis = "--config FILE [--log-level LEVEL]"
+    synopsis = "--config FILE [--log-level LEVEL] [--check] [--dump]"
     longdesc = "Relay the TCP and UDP routes of a YAML route file."
 
     optParameters = [
         ["config", "c", None, "YAML route file to run (required)."],
         ["log-level", None, "info", "Lowest level logged: " + ", ".join(LEVELS) + "."],
+    ]
+    optFlags = [
+        ["check", None, "Validate the route file, print one line per route and exit"
+                        " (status 1 and the start's message if invalid); binds nothing."],
+        ["dump", None, "Like --check, but print the effective configuration"
+                       " (defaults filled in) as YAML."],
     ]
 
     def postOptions(self) -> None:
@@ -37,10 +46,21 @@ class Options(usage.Options):
             raise usage.UsageError("--log-level must be one of " + ", ".join(LEVELS))
         if self.parent is not None:
             _check_logfile(self.parent)
-        try:
-            self["routes"] = load_config(self["config"])
-        except ConfigError as e:
-            raise SystemExit(f"streamrelay: {e}") from None
+        self["routes"] = load_routes(self["config"])
+        if self["check"] or self["dump"]:
+            print(report(self["routes"], as_yaml=self["dump"]), end="")
+            raise SystemExit(0)
+
+
+def load_routes(path: str) -> Config:
+    """
+    The route file at C{path}, or C{SystemExit} with the message (status 1)
+    that starting and both checks give alike.
+    """
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise SystemExit(f"streamrelay: {e}") from None
 
 
 def _check_logfile(twistd: Mapping[str, Any]) -> None:

@@ -1,0 +1,139 @@
+"""
+What C{--check} and C{--dump} print: one line per route, and the effective
+configuration as YAML.
+
+The line is a summary to read and grep; the YAML is the whole truth.  It
+writes every route with every field that applies to it, defaults filled in
+and the top-level C{defaults}, C{proxy_protocol} and C{acl} blocks already
+applied, so that C{parse_config(dump(config))} gives C{config} back (but for
+its C{path}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from .acl import AccessList
+from .config import TUNABLES, Config, ProxyProtocolConfig, RouteConfig, RouteLoader, parse_duration
+
+__all__ = ["describe", "dump", "report"]
+
+
+def report(config: Config, as_yaml: bool = False) -> str:
+    """The text a check prints: the route lines, or the YAML with C{as_yaml}."""
+    if as_yaml:
+        return dump(config)
+    return "".join(describe(route) + "\n" for route in config.routes)
+
+
+def describe(route: RouteConfig) -> str:
+    """
+    C{NAME: SCHEME LISTEN -> TARGET (NOTES)}: the notes name what decides
+    who gets through and how (inbound and outbound PROXY headers, the ACL,
+    the limits in force, C{reuse_port}, and C{splice} for every TCP route).
+    """
+    notes = []
+    if route.proxy_protocol.mode != "disabled":
+        notes.append(f"proxy_protocol {route.proxy_protocol.mode}")
+    if route.relay_proxy_protocol_header:
+        notes.append(f"relay_proxy_protocol_header v{route.proxy_protocol_version}")
+    acl = route.acl
+    if not acl.permits_everything:  # its stages in the order a client meets them
+        stages = ["allow_local"] if acl.allow_local else []
+        stages += [f"{len(rules)} {verdict}" for verdict, rules in (("deny", acl.deny), ("allow", acl.allow)) if rules]
+        stages.append("default allow" if acl.default_allow else "default deny")
+        notes.append("acl " + " ".join(stages))
+    limits = ("max_connections", "max_connections_per_client") if route.protocol == "tcp" else ("max_udp_sessions",)
+    notes.extend(f"{limit} {getattr(route, limit)}" for limit in limits if getattr(route, limit))
+    if route.reuse_port:
+        notes.append("reuse_port")
+    if route.protocol == "tcp":
+        notes.append(f"splice {_scalar(route.splice)}")
+    line = f"{route.name}: {route.scheme} {route.listen} -> {route.dst}"
+    return f"{line} ({', '.join(notes)})" if notes else line
+
+
+def dump(config: Config) -> str:
+    """C{config} as a route file: every field written out, nothing left to defaults."""
+    document: dict[str, Any] = {"shutdown_timeout": _duration(config.shutdown_timeout)}
+    if config.status is not None:
+        document["status"] = {"listen": config.status.endpoint, "acl": _acl(config.status.acl)}
+    document["routes"] = {route.name: _route(route) for route in config.routes}
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+def _route(route: RouteConfig) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "scheme": route.scheme,
+        "bind": route.bind,
+        "host": route.host,
+        "port": f"{route.listen_port}:{route.target_port}",
+    }
+    for key, tunable in TUNABLES.items():
+        value = getattr(route, key)
+        # dial_timeout 0 stands for its default, connect_timeout × (retries + 1),
+        # which the file can only express by leaving the field out.
+        if route.protocol in tunable.protocols and not (key == "dial_timeout" and not value):
+            fields[key] = _duration(value) if isinstance(value, float) else value
+    if route.protocol == "tcp":
+        fields["proxy_protocol"] = _proxy_protocol(route.proxy_protocol)
+    fields["acl"] = _acl(route.acl)
+    return fields
+
+
+def _proxy_protocol(settings: ProxyProtocolConfig) -> dict[str, Any]:
+    return {
+        "mode": settings.mode,
+        "trusted_proxies": [str(network) for network in settings.trusted_proxies],
+        "timeout": _duration(settings.timeout),
+        "detect_timeout": _duration(settings.detect_timeout),
+    }
+
+
+def _acl(acl: AccessList) -> dict[str, Any]:
+    """The rules as written, so that denials in the log name the same rule."""
+    return {
+        "default": "allow" if acl.default_allow else "deny",
+        "allow_local": acl.allow_local,
+        "allow": list(acl.allow),
+        "deny": list(acl.deny),
+    }
+
+
+_UNITS = (("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1))
+
+
+def _duration(seconds: float) -> str | float:
+    """
+    C{5s}, C{1m30s}, C{300ms}: as the README writes durations, where such
+    text reads back to exactly C{seconds}; otherwise the number itself.
+    """
+    left = round(seconds * 1000)
+    parts = []
+    for unit, size in _UNITS:
+        count, left = divmod(left, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    text = "".join(parts) or "0s"
+    return text if parse_duration(text) == seconds else seconds
+
+
+def _scalar(value: object) -> str:
+    """A value as YAML writes it: C{auto}, C{true}, C{false}."""
+    return str(value).lower()
+
+
+class _Dumper(yaml.SafeDumper):
+    """
+    Quotes every string that YAML 1.1 readers or the route file's own loader
+    (which reads numbers the YAML 1.2 way) would take for something else:
+    C{"2222:22"} for the first, a host named C{1.0e5} for the second.
+    """
+
+
+_Dumper.yaml_implicit_resolvers = {
+    first: [*yaml.SafeDumper.yaml_implicit_resolvers.get(first, []), *RouteLoader.yaml_implicit_resolvers.get(first, [])]
+    for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *RouteLoader.yaml_implicit_resolvers}
+}
