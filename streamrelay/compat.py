@@ -1,13 +1,16 @@
 """
 Every use of a Twisted internal, in one place.
 
-Twisted's public API stops short of three things the relay needs: accepting
-no more connections than a limit leaves room for, handing a socket back to
-its transport after the splice engine relayed it, and reading one datagram
-per readiness event on a connected UDP socket.  Each is done here, against
-attributes Twisted does not promise to keep; C{tests/test_compat.py} pins
-each one, so a Twisted upgrade that changes them fails loudly there instead
-of quietly somewhere on the relay path.
+Twisted's public API stops short of five things the relay needs: accepting
+no more connections than a limit leaves room for (on a socket it binds or
+adopts, with a backlog a reload can change), handing a socket back to its
+transport after the splice engine relayed it, reading one datagram per
+readiness event on a connected UDP socket, and the sockets systemd passed.
+Each is done here, against attributes Twisted does not promise to keep;
+tests pin each one (C{tests/test_compat.py}; the systemd sockets and
+adopting one in C{tests/test_activation.py}, the backlog in
+C{tests/test_reload.py}), so a Twisted upgrade that changes them fails
+loudly there instead of quietly somewhere on the relay path.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet import tcp, udp
-from twisted.internet.interfaces import Binding, IProtocol, IProtocolFactory, IReactorTCP
+from twisted.internet.endpoints import _SystemdParser
+from twisted.internet.interfaces import Binding, IProtocol, IProtocolFactory, IReactorFDSet, IReactorTCP
 from twisted.python.failure import Failure
 
-__all__ = ["LimitedPort", "SessionPort", "hand_back", "listen_limited", "swap_protocol"]
+__all__ = [
+    "LimitedPort", "SessionPort", "adopt_limited", "hand_back", "inherited_sockets", "listen_limited", "swap_protocol",
+]
 
 
 class LimitedPort(tcp.Port):
@@ -43,6 +49,11 @@ class LimitedPort(tcp.Port):
             self.numberAccepts = room
         super().doRead()
 
+    def set_backlog(self, backlog: int) -> None:
+        """Resize the accept queue in place: Linux takes a second C{listen()}."""
+        self.backlog = backlog
+        self.socket.listen(backlog)
+
 
 def listen_limited(reactor: IReactorTCP, port: int | Binding, factory: IProtocolFactory, room: Callable[[], int],
                    backlog: int, interface: str) -> LimitedPort:
@@ -52,6 +63,26 @@ def listen_limited(reactor: IReactorTCP, port: int | Binding, factory: IProtocol
     listening.room = room
     listening.startListening()
     return listening
+
+
+def adopt_limited(reactor: IReactorFDSet, fd: int, family: int, factory: IProtocolFactory,
+                  room: Callable[[], int]) -> LimitedPort:
+    """What C{reactor.adoptStreamPort} does, with a L{LimitedPort} (the port dups C{fd})."""
+    listening = LimitedPort._fromListeningDescriptor(reactor, fd, family, factory)
+    listening.room = room
+    listening.startListening()
+    return listening
+
+
+def inherited_sockets() -> dict[str, int]:
+    """
+    The sockets systemd passed, by C{FileDescriptorName=}.  Twisted reads
+    C{LISTEN_FDS} once, when C{twisted.internet.endpoints} is imported (for
+    its C{systemd:} endpoint), and removes it from the environment, so a
+    later C{ListenFDs.fromEnvironment()} would find nothing: this shares
+    that one reading with the C{systemd:} endpoints.
+    """
+    return _SystemdParser._sddaemon.inheritedNamedDescriptors()
 
 
 def hand_back(connection: tcp.Connection, reason: Failure) -> None:

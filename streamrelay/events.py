@@ -77,7 +77,15 @@ FORMATS = {
         " ({bytes_down} bytes) down, {dropped} dropped"
     ),
     "fd-limit": "descriptor limit raised from {old} to {new}",
+    "reload": (
+        "reloaded {path}: added [{added}], removed [{removed}], changed [{changed}], unchanged [{unchanged}],"
+        " not applied [{failed}], needs a restart [{restart_needed}]"
+    ),
+    "reload-failed": "{path} not reloaded, the configuration in force goes on: {error}",
     "log-dropped": "log writer dropped {dropped} lines: the reader fell more than {limit} characters behind",
+    "status-start": "status endpoint listening on {listen}",
+    "status-stop": "status endpoint stopped listening on {listen}",
+    "status-denied": "status endpoint: denied {client} by {rule} ({suppressed} more not logged)",
 }
 
 #: What an observer holds for a reader that has fallen behind: about 1 MiB of

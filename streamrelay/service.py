@@ -3,43 +3,62 @@ The service tree: one L{RelayService} (a C{MultiService}) holding one named
 child per route, C{route:NAME}, which owns the route's listening port.
 
 Ports are bound in C{privilegedStartService} (before twistd drops
-privileges); if any route cannot bind, the ones already bound are closed
-and start-up stops with a message naming the route and the address.
-Stopping stops listening at once, then closes open connections cleanly,
-aborting whatever is still open after C{shutdown_timeout}; UDP sessions have
-nothing to flush and are closed at once.
+privileges), or adopted when systemd passed a socket named after the route;
+if any route cannot start, the ones already bound are closed and start-up
+stops with a message naming the route and the address.  Stopping stops
+listening at once, then closes open connections cleanly, aborting whatever
+is still open after C{shutdown_timeout}; UDP sessions have nothing to flush
+and are closed at once.
+
+A reload (SIGHUP, or L{RelayService.reload}) compares the new routes with
+the running ones by name.  Settings that need no new socket reach new
+connections while the port stays open: a TCP route starts a new generation
+of its factories (a pair reads its settings from the factory it began in,
+for its whole life), a UDP route's relay gives them to new sessions.  A new
+listening address is bound before the old port closes; removed routes stop
+listening and let their connections finish, up to C{shutdown_timeout}.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import resource
+import signal
 import socket
-from typing import Mapping, cast
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import Binding, IListeningPort
+from twisted.internet.interfaces import Binding, IAddress, IListeningPort, IReactorFromThreads
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.tcp import makeBinding
-from twisted.internet.protocol import ServerFactory
 from twisted.logger import LogLevel
 
 from . import events
 from .addresses import join_host_port
-from .config import Config, RouteConfig
+from .compat import LimitedPort, adopt_limited, inherited_sockets, listen_limited
+from .config import Config, ConfigError, RouteConfig, load_config
 from .events import RefusalLog, RouteEvents
-from .compat import listen_limited
 from .hooks import NO_HOOKS, Hooks, hooks_for
+from .inbound import ProxyHeaderFactory
 from .interfaces import IRelayReactor
 from .lifecycle import Input
-from .inbound import ProxyHeaderFactory
 from .stats import RouteStats
 from .status import StatusService
-from .tcp import RelayFactory
+from .tcp import Pair, RelayFactory, splicing
 from .udp import MAX_DATAGRAM, DatagramRelay
 
-__all__ = ["RelayService", "RouteService", "StartError", "UDPRouteService", "make_service"]
+__all__ = ["RelayService", "ReloadResult", "RouteService", "StartError", "UDPRouteService", "make_service"]
+
+#: The route fields that say where a route listens: changing one needs a new socket.
+SOCKET_FIELDS = frozenset({"scheme", "bind", "listen_port", "reuse_port"})
 
 
 class StartError(SystemExit):
@@ -49,49 +68,121 @@ class StartError(SystemExit):
     """
 
 
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload did, route by route (the C{reload} event says the same)."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    #: Route name to the fields that changed (C{hooks} for the hooks mapping).
+    changed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    unchanged: tuple[str, ...] = ()
+    #: Routes that kept their previous state because their socket could not be opened, and why.
+    failed: Mapping[str, str] = field(default_factory=dict)
+    #: What changed but needs a restart to apply (C{status}).
+    restart_needed: tuple[str, ...] = ()
+    #: Set when the whole reload was refused: nothing changed.
+    error: str = ""
+
+
+#: A socket systemd passed: its descriptor and address family.
+Inherited = tuple[int, socket.AddressFamily]
+
+
+def inherited_socket(route: RouteConfig) -> Inherited | None:
+    """
+    The descriptor and address family of the socket systemd passed with
+    C{FileDescriptorName=} the route's name, made non-blocking as Twisted
+    needs; C{None} if there is none.  A socket of another type or family than
+    the route's scheme says is a L{StartError}.
+    """
+    fd = inherited_sockets().get(route.name)
+    if fd is None:
+        return None
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        family, kind = sock.family, sock.type
+        listening = kind != socket.SOCK_STREAM or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    wanted = socket.SOCK_STREAM if route.protocol == "tcp" else socket.SOCK_DGRAM
+    families = {4: (socket.AF_INET,), 6: (socket.AF_INET6,), None: (socket.AF_INET, socket.AF_INET6)}
+    if kind != wanted or family not in families[route.family] or not listening:
+        what = f"{'' if listening else 'non-listening '}{family.name} {kind.name}"
+        raise StartError(
+            f"streamrelay: route {route.name!r}: the socket systemd passed as {route.name!r} is {what},"
+            f" which scheme {route.scheme} cannot use"
+        )
+    os.set_blocking(fd, False)
+    return fd, family
+
+
 class _ListeningService(Service):
     """
-    What TCP and UDP routes share: the route's name and events, and its port,
-    bound by C{privilegedStartService} (or C{startService} under a parent
-    without a privileged phase).
+    What TCP and UDP routes share: the route's name, settings, events and
+    counters, and its port, opened by C{privilegedStartService} (or
+    C{startService} under a parent without a privileged phase).
     """
 
-    def __init__(self, route: RouteConfig, reactor: IRelayReactor) -> None:
+    def __init__(self, route: RouteConfig, reactor: IRelayReactor, previous: _ListeningService | None = None) -> None:
         self.name = f"route:{route.name}"
         self.route = route
         self.reactor = reactor
         self.events = RouteEvents(route)
-        self.refusals = RefusalLog(self.events, reactor)
-        self.stats = RouteStats()
+        if previous is None:
+            self.refusals = RefusalLog(self.events, reactor)
+            self.stats = RouteStats()
+        else:  # the route under another protocol or address: its counters go on
+            self.refusals, self.stats = previous.refusals, previous.stats
         self.port: IListeningPort | None = None
+        #: Set when a reload removed the route: stopping then lets its connections finish.
+        self.retired = False
 
-    def listen(self) -> IListeningPort:
-        """Bind the route's port (C{CannotListenError} if it cannot)."""
+    @property
+    def hooks(self) -> Hooks:
+        """The hooks new connections get."""
         raise NotImplementedError
 
-    def bind(self) -> None:
-        """Listen on the route's address; raise L{StartError} if it cannot."""
-        route = self.route
+    def listen(self, route: RouteConfig, inherited: Inherited | None) -> IListeningPort:
+        """Adopt the C{inherited} socket, else bind the route's address (C{CannotListenError})."""
+        raise NotImplementedError
+
+    def update(self, route: RouteConfig, hooks: Hooks) -> None:
+        """New settings on the same socket, for new connections."""
+        raise NotImplementedError
+
+    def shut_down(self) -> None:
+        """Close the connections as the process stops."""
+        raise NotImplementedError
+
+    def bind(self, route: RouteConfig, events: RouteEvents) -> IListeningPort:
+        """
+        Open a port for C{route} and log C{start} with C{events}, saying
+        whether systemd passed the socket; L{StartError} if it cannot.
+        """
+        inherited = inherited_socket(route)
         try:
-            self.port = self.listen()
+            port = self.listen(route, inherited)
         except CannotListenError as e:
             raise StartError(
                 f"streamrelay: route {route.name!r}: cannot listen on {route.protocol} "
                 f"{route.listen}: {e.socketError}"
             ) from None
-        host = self.port.getHost()
+        host = port.getHost()
         assert isinstance(host, (IPv4Address, IPv6Address))  # a TCP or UDP port's
-        self.events.set_listen(join_host_port(host.host, host.port))
-        self.events.info("start")
+        events.set_listen(join_host_port(host.host, host.port))
+        events.info("start", inherited=inherited is not None)
+        return port
+
+    def open(self) -> None:
+        """Open the route's port, unless it is open already."""
+        if self.port is None:
+            self.port = self.bind(self.route, self.events)
+            self.refusals.events = self.events  # a replaced route's refusals are logged as ours now
 
     def privilegedStartService(self) -> None:
-        if self.port is None:
-            self.bind()
+        self.open()
         super().privilegedStartService()
 
     def startService(self) -> None:
-        if self.port is None:
-            self.bind()
+        self.open()
         super().startService()
 
     def unbind(self) -> None:
@@ -100,40 +191,120 @@ class _ListeningService(Service):
             self.port.stopListening()
             self.port = None
 
+    def stop_listening(self) -> Deferred[None] | None:
+        """Close the port (C{stop} event); the Deferred fires once it is closed."""
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        self.events.info("stop", **self.stop_fields())
+        return port.stopListening()
+
+    def stop_fields(self) -> dict[str, Any]:
+        """What the C{stop} event adds."""
+        return {}
+
+    def events_on_this_socket(self, route: RouteConfig) -> RouteEvents:
+        """Events for C{route}'s new settings, on the address already bound."""
+        new = RouteEvents(route)
+        new.set_listen(self.events.fields["listen"])
+        return new
+
+    def switch(self, route: RouteConfig, events: RouteEvents) -> None:
+        """Route settings and events for what comes next; refusals are logged with them."""
+        self.route, self.events = route, events
+        self.refusals.events = events
+
+
+class _Entrance(ServerFactory):
+    """
+    A TCP route's listening factory, the same for the port's whole life: it
+    hands each connection to the route's newest generation, so a reload
+    changes settings without touching the port.
+    """
+
+    noisy = False
+    #: The newest generation's PROXY header factory, else its relay factory.
+    front: RelayFactory | ProxyHeaderFactory
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return self.front.buildProtocol(addr)
+
 
 class RouteService(_ListeningService):
-    """A TCP route: its listening port and the pairs it relays."""
+    """
+    A TCP route: its listening port and the pairs it relays, in generations.
+    A generation is a L{RelayFactory} (behind a L{ProxyHeaderFactory} where
+    inbound headers are read) with one set of settings; a reload that
+    changes them starts a new one for new connections, and older ones stay
+    while their pairs do.  Generations share the per-client counts, and
+    C{max_connections} counts the connections of all of them.
+    """
 
     def __init__(
-        self, route: RouteConfig, shutdown_timeout: float, reactor: IRelayReactor, hooks: Hooks = NO_HOOKS
+        self, route: RouteConfig, shutdown_timeout: float, reactor: IRelayReactor, hooks: Hooks = NO_HOOKS,
+        previous: _ListeningService | None = None,
     ) -> None:
-        super().__init__(route, reactor)
+        super().__init__(route, reactor, previous)
         self.shutdown_timeout = shutdown_timeout
-        self.factory = RelayFactory(route, self.events, self.refusals, reactor, hooks, self.stats)
-        self.header_factory: ProxyHeaderFactory | None = None
-        self.listening_factory: ServerFactory = self.factory
+        self.per_client: dict[str, int] = {}
+        #: Oldest first; the last is the one new connections get.
+        self.generations: list[tuple[RelayFactory, ProxyHeaderFactory | None]] = []
+        self.entrance = _Entrance()
+        self.configure(route, hooks, self.events)
+
+    @property
+    def factory(self) -> RelayFactory:
+        """The newest generation's relay factory."""
+        return self.generations[-1][0]
+
+    @property
+    def header_factory(self) -> ProxyHeaderFactory | None:
+        """The newest generation's PROXY header factory, if the route reads headers."""
+        return self.generations[-1][1]
+
+    @property
+    def hooks(self) -> Hooks:
+        return self.factory.hooks
+
+    def pairs(self) -> list[Pair]:
+        """Every open pair, whichever generation it began in."""
+        return [pair for factory, _ in self.generations for pair in factory.pairs]
+
+    def configure(self, route: RouteConfig, hooks: Hooks, events: RouteEvents) -> None:
+        """Start a generation with these settings; generations left without connections go."""
+        factory = RelayFactory(route, events, self.refusals, self.reactor, hooks, self.stats, self.per_client)
+        headers = None
         if route.proxy_protocol.mode != "disabled":
-            self.header_factory = ProxyHeaderFactory(
-                self.factory, route.proxy_protocol, self.events, self.refusals, reactor, self.stats
-            )
-            self.listening_factory = self.header_factory
+            headers = ProxyHeaderFactory(factory, route.proxy_protocol, events, self.refusals, self.reactor, self.stats)
+        self.generations = [
+            (old, old_headers) for old, old_headers in self.generations
+            if old.pairs or (old_headers is not None and old_headers.pending)
+        ]
+        self.generations.append((factory, headers))
+        self.entrance.front = factory if headers is None else headers
+        self.switch(route, events)
         if route.max_connections:
-            self.factory.changed = self.connections_changed
-            if self.header_factory is not None:
-                self.header_factory.changed = self.connections_changed
+            for relay, pending in self.generations:
+                relay.changed = self.connections_changed
+                if pending is not None:
+                    pending.changed = self.connections_changed
+        self.connections_changed()  # the limit may have moved either way
 
     def room(self) -> int:
         """How many more connections C{max_connections} allows (PROXY headers awaited count)."""
-        open_now = len(self.factory.pairs)
-        if self.header_factory is not None:
-            open_now += len(self.header_factory.pending)
-        return self.route.max_connections - open_now
+        limit = self.route.max_connections
+        if not limit:
+            return sys.maxsize
+        open_now = 0
+        for factory, headers in self.generations:
+            open_now += len(factory.pairs) + (len(headers.pending) if headers is not None else 0)
+        return limit - open_now
 
     def connections_changed(self) -> None:
         """
         Stop accepting at C{max_connections} and resume below it: the
         kernel's backlog holds newcomers meanwhile, and the port accepts no
-        more in one go than there is room for (L{compat.LimitedPort}).
+        more in one go than there is room for (L{LimitedPort}).
         """
         port = self.port
         if port is None:
@@ -143,57 +314,96 @@ class RouteService(_ListeningService):
         else:
             port.stopReading()  # type: ignore[attr-defined]
 
-    def listen(self) -> IListeningPort:
-        route = self.route
-        port: int | Binding = route.listen_port
+    def listen(self, route: RouteConfig, inherited: Inherited | None) -> LimitedPort:
+        if inherited is not None:
+            port = adopt_limited(self.reactor, *inherited, self.entrance, self.room)
+            port.set_backlog(route.backlog)
+            return port
+        address: int | Binding = route.listen_port
         if route.reuse_port:
-            port = makeBinding(route.bind, route.listen_port, reuseAddress=True, reusePort=True)
-        if route.max_connections:
-            return listen_limited(
-                self.reactor, port, self.listening_factory, self.room, route.backlog, route.bind
-            )
-        return self.reactor.listenTCP(port, self.listening_factory, backlog=route.backlog, interface=route.bind)
+            address = makeBinding(route.bind, route.listen_port, reuseAddress=True, reusePort=True)
+        return listen_limited(self.reactor, address, self.entrance, self.room, route.backlog, route.bind)
+
+    def update(self, route: RouteConfig, hooks: Hooks) -> None:
+        if isinstance(self.port, LimitedPort) and route.backlog != self.route.backlog:
+            self.port.set_backlog(route.backlog)
+        self.configure(route, hooks, self.events_on_this_socket(route))
+
+    def rebind(self, route: RouteConfig, hooks: Hooks) -> None:
+        """
+        A new listening address: bind it first (L{StartError}: nothing
+        changed), then close the old port and drain the pairs it accepted.
+        """
+        events = RouteEvents(route)
+        port = self.bind(route, events)
+        stopped = self.stop_listening()
+        older = [factory for factory, _ in self.generations]
+        self.port = port
+        self.configure(route, hooks, events)
+        self.settle(older, stopped, "drain timeout")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        port, self.port = self.port, None
-        stopped = port.stopListening() if port is not None else None
-        if port is not None:
-            self.events.info("stop")
-        if self.header_factory is not None:
-            self.header_factory.close_pending()
-        pairs = list(self.factory.pairs)
-        for pair in pairs:
+        stopped = self.stop_listening()
+        if not self.retired:
+            self.shut_down()
+        factories = [factory for factory, _ in self.generations]
+        return self.settle(factories, stopped, "drain timeout" if self.retired else "shutdown timeout")
+
+    def shut_down(self) -> None:
+        for _, headers in self.generations:
+            if headers is not None:
+                headers.close_pending()
+        for pair in self.pairs():
             pair.feed(Input.SHUTDOWN, detail="shutdown")
-        waiting = [pair.done for pair in pairs if not pair.done.called]
+
+    def settle(self, factories: list[RelayFactory], stopped: Deferred[None] | None, reason: str) -> Deferred[None]:
+        """
+        Wait for the pairs of C{factories}, and the port being C{stopped};
+        abort the pairs still open after C{shutdown_timeout} (C{abort} event
+        and C{closed} reason: C{reason}).
+        """
+        waiting = [pair.done for factory in factories for pair in factory.pairs if not pair.done.called]
         if stopped is not None:
             waiting.append(stopped)
         if not waiting:
             return succeed(None)
-        deadline = self.reactor.callLater(self.shutdown_timeout, self._abort_all)
-        finished = DeferredList(waiting)
+        deadline = self.reactor.callLater(self.shutdown_timeout, self.abort, factories, reason)
 
-        def drained(_: object) -> None:
+        def settled(_: object) -> None:
             if deadline.active():
                 deadline.cancel()
 
-        return finished.addCallback(drained)
+        return DeferredList(waiting).addCallback(settled)
 
-    def _abort_all(self) -> None:
-        for pair in list(self.factory.pairs):
-            self.events.warn("abort", conn=pair.id, client=pair.peer, reason="shutdown timeout")
-            pair.feed(Input.ABORT, detail="shutdown timeout")
+    def abort(self, factories: list[RelayFactory], reason: str) -> None:
+        for factory in factories:
+            for pair in list(factory.pairs):
+                factory.events.warn("abort", conn=pair.id, client=pair.peer, reason=reason)
+                pair.feed(Input.ABORT, detail=reason)
 
 
 class UDPRouteService(_ListeningService):
-    """A UDP route: its listening socket and the sessions it relays."""
+    """
+    A UDP route: its listening socket and the sessions it relays.  Its
+    sessions answer clients through that socket, so a reload that moves the
+    route replaces the service (and closes the sessions) instead.
+    """
 
-    def __init__(self, route: RouteConfig, reactor: IRelayReactor, hooks: Hooks = NO_HOOKS) -> None:
-        super().__init__(route, reactor)
+    def __init__(
+        self, route: RouteConfig, reactor: IRelayReactor, hooks: Hooks = NO_HOOKS,
+        previous: _ListeningService | None = None,
+    ) -> None:
+        super().__init__(route, reactor, previous)
         self.relay = DatagramRelay(route, self.events, self.refusals, reactor, hooks, self.stats)
 
-    def listen(self) -> IListeningPort:
-        route = self.route
+    @property
+    def hooks(self) -> Hooks:
+        return self.relay.hooks
+
+    def listen(self, route: RouteConfig, inherited: Inherited | None) -> IListeningPort:
+        if inherited is not None:
+            return self.reactor.adoptDatagramPort(*inherited, self.relay, maxPacketSize=MAX_DATAGRAM)
         if not route.reuse_port:
             return self.reactor.listenUDP(route.listen_port, self.relay, interface=route.bind, maxPacketSize=MAX_DATAGRAM)
         # Twisted's listenUDP cannot set SO_REUSEPORT: bind a socket and adopt it.
@@ -208,44 +418,74 @@ class UDPRouteService(_ListeningService):
             sock.setblocking(False)
             return self.reactor.adoptDatagramPort(sock.fileno(), family, self.relay, maxPacketSize=MAX_DATAGRAM)
 
+    def update(self, route: RouteConfig, hooks: Hooks) -> None:
+        self.switch(route, self.events_on_this_socket(route))
+        self.relay.configure(route, self.events, hooks)
+
     def startService(self) -> None:
         super().startService()
         self.relay.start_sweeping()
 
+    def stop_fields(self) -> dict[str, Any]:
+        relay = self.relay
+        return {
+            "sessions": relay.stats.sessions_opened, "refused": relay.refused, "denied": relay.denied,
+            "unreachable": relay.unreachable,
+        }
+
     def stopService(self) -> Deferred[list[tuple[bool, None]]]:
         super().stopService()
-        port, self.port = self.port, None
-        waiting: list[Deferred[None] | None] = []
-        if port is not None:
-            waiting.append(port.stopListening())
-            relay = self.relay
-            self.events.info(
-                "stop", sessions=relay.stats.sessions_opened, refused=relay.refused, denied=relay.denied,
-                unreachable=relay.unreachable,
-            )
-        waiting += self.relay.close_all("shutdown")
+        waiting = [self.stop_listening()] + self.relay.close_all("reload" if self.retired else "shutdown")
         return DeferredList([d for d in waiting if d is not None])
+
+    def shut_down(self) -> None:
+        self.relay.close_all("shutdown")
 
 
 class RelayService(MultiService):
-    """Every route of one configuration."""
+    """
+    Every route of one configuration, and its reloads: SIGHUP re-reads the
+    file, L{reload} takes a L{Config}.
+    """
 
     def __init__(self, config: Config, reactor: IRelayReactor, hooks: Mapping[str, Hooks] | None = None) -> None:
         super().__init__()
-        self.config = config
         check_hook_names(config, hooks)
+        self.config = config
+        #: A changed status block needs a restart: the one in force.
+        self.status_in_force = config.status
+        self.reactor = reactor
+        self.hooks: Mapping[str, Hooks] = hooks or {}
+        #: Reloads by outcome: C{succeeded}, C{failed} (refused, or a route could not open its socket).
+        self.reloads: Counter[str] = Counter()
+        #: When the configuration in force was loaded (C{time.time()}).
+        self.loaded_at = time.time()
+        #: True once stopping began.
+        self.draining = False
+        #: Services of removed routes whose connections are still finishing, and the Deferred that says when.
+        self.retiring: dict[_ListeningService, Deferred[object]] = {}
+        self.reloading = DeferredLock()
+        self.previous_sighup: Any = None
+        self.catching_sighup = False
         for route in config.routes:
-            service: _ListeningService
-            if route.protocol == "tcp":
-                service = RouteService(route, config.shutdown_timeout, reactor, hooks_for(hooks, route.name))
-            else:
-                service = UDPRouteService(route, reactor, hooks_for(hooks, route.name))
-            service.setServiceParent(self)
+            self.route_service(route, hooks_for(hooks, route.name), config.shutdown_timeout).setServiceParent(self)
         if config.status is not None:
             StatusService(config.status, self, reactor).setServiceParent(self)
 
+    def route_service(
+        self, route: RouteConfig, hooks: Hooks, shutdown_timeout: float, previous: _ListeningService | None = None,
+    ) -> _ListeningService:
+        if route.protocol == "tcp":
+            return RouteService(route, shutdown_timeout, self.reactor, hooks, previous)
+        return UDPRouteService(route, self.reactor, hooks, previous)
+
+    def routes(self) -> list[_ListeningService]:
+        """The services of the routes in force."""
+        return [child for child in self if isinstance(child, _ListeningService)]
+
     def privilegedStartService(self) -> None:
         raise_descriptor_limit()
+        self.catch_sighup()
         started: list[_ListeningService] = []
         try:
             for child in self:
@@ -255,6 +495,167 @@ class RelayService(MultiService):
             for child in started:
                 child.unbind()
             raise
+
+    def startService(self) -> None:
+        self.catch_sighup()
+        super().startService()
+
+    def stopService(self) -> Deferred[list[tuple[bool, object]]]:
+        self.draining = True
+        if self.catching_sighup:
+            self.catching_sighup = False
+            signal.signal(signal.SIGHUP, self.previous_sighup or signal.SIG_DFL)
+        for service in list(self.retiring):  # a service that finishes at once leaves the dict
+            service.shut_down()
+        stopping: Deferred[object] = super().stopService()
+        return DeferredList([stopping, *self.retiring.values()])
+
+    # -- reloading
+
+    def catch_sighup(self) -> None:
+        """From now on SIGHUP reloads the route file."""
+        if not self.catching_sighup:
+            self.previous_sighup = signal.signal(signal.SIGHUP, self.hangup)
+            self.catching_sighup = True
+
+    def hangup(self, signum: int, frame: Any) -> None:
+        """
+        The SIGHUP handler: reload on the reactor's thread, which a signal
+        may interrupt anywhere; then the handler this one replaced (another
+        relay's, in a process that runs several).
+        """
+        IReactorFromThreads(self.reactor).callFromThread(self.reload_file)
+        if callable(self.previous_sighup):
+            self.previous_sighup(signum, frame)
+
+    def reload_file(self) -> Deferred[ReloadResult]:
+        """Re-read and apply the route file; a file that does not validate changes nothing."""
+        path = self.config.path
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            return succeed(self.refuse_reload(path, str(e)))
+        return self.reload(config)
+
+    def reload(self, config: Config, hooks: Mapping[str, Hooks] | None = None) -> Deferred[ReloadResult]:
+        """
+        Run C{config} from now on (and C{hooks}, if given, instead of the
+        mapping in force), one reload at a time.  Routes are matched by
+        name; see L{ReloadResult} for the outcome, also logged (C{reload}
+        or C{reload-failed}).
+        """
+        return self.reloading.run(self._reload, config, hooks)
+
+    def refuse_reload(self, path: str, error: str) -> ReloadResult:
+        self.reloads["failed"] += 1
+        events.emit(LogLevel.error, "reload-failed", path=path, error=error)
+        return ReloadResult(error=error)
+
+    def _reload(self, config: Config, hooks: Mapping[str, Hooks] | None) -> Deferred[ReloadResult]:
+        """Check everything first; stop the removed routes, then, once their ports are closed, the rest."""
+        try:
+            if self.draining or not self.running:
+                raise ValueError("the relay is not running")
+            if hooks is not None:
+                check_hook_names(config, hooks)
+            else:
+                hooks = self.hooks
+            for route in config.routes:
+                if route.protocol == "tcp":
+                    splicing(route, hooks_for(hooks, route.name))
+        except ValueError as e:
+            return succeed(self.refuse_reload(config.path, str(e)))
+        names = {route.name for route in config.routes}
+        removed = [service for service in self.routes() if service.route.name not in names]
+        closing = [self.retire(service) for service in removed]
+        ports_closed = DeferredList([d for d in closing if d is not None])
+        return ports_closed.addCallback(
+            lambda _: self._apply(config, hooks, tuple(service.route.name for service in removed))
+        )
+
+    def _apply(self, config: Config, hooks: Mapping[str, Hooks], removed: tuple[str, ...]) -> ReloadResult:
+        running = {service.route.name: service for service in self.routes()}
+        added: list[str] = []
+        changed: dict[str, tuple[str, ...]] = {}
+        unchanged: list[str] = []
+        failed: dict[str, str] = {}
+        for route in config.routes:
+            route_hooks = hooks_for(hooks, route.name)
+            service = running.get(route.name)
+            try:
+                if service is None:
+                    self.start_route(route, route_hooks, config.shutdown_timeout)
+                    added.append(route.name)
+                    continue
+                fields = route_changes(service.route, route) + (("hooks",) if service.hooks != route_hooks else ())
+                if not fields:
+                    unchanged.append(route.name)
+                elif SOCKET_FIELDS.isdisjoint(fields):
+                    service.update(route, route_hooks)
+                elif isinstance(service, RouteService) and route.protocol == "tcp":
+                    service.rebind(route, route_hooks)
+                else:
+                    self.replace(service, route, route_hooks, config.shutdown_timeout)
+                if fields:
+                    changed[route.name] = fields
+            except StartError as e:
+                failed[route.name] = str(e).removeprefix("streamrelay: ")
+        for service in self.routes():
+            if isinstance(service, RouteService):
+                service.shutdown_timeout = config.shutdown_timeout
+        result = ReloadResult(
+            tuple(added), removed, changed, tuple(unchanged), failed,
+            ("status",) if config.status != self.status_in_force else (),
+        )
+        self.config, self.hooks, self.loaded_at = config, hooks, time.time()
+        self.reloads["failed" if failed else "succeeded"] += 1
+        events.emit(
+            LogLevel.warn if failed else LogLevel.info, "reload", path=config.path,
+            added=", ".join(result.added), removed=", ".join(result.removed),
+            changed=", ".join(f"{name} ({', '.join(fields)})" for name, fields in changed.items()),
+            unchanged=", ".join(result.unchanged), failed="; ".join(failed.values()),
+            restart_needed=", ".join(result.restart_needed),
+        )
+        return result
+
+    def start_route(self, route: RouteConfig, hooks: Hooks, shutdown_timeout: float) -> None:
+        """Bind an added route (L{StartError}: it stays absent) and start it."""
+        service = self.route_service(route, hooks, shutdown_timeout)
+        service.open()
+        service.setServiceParent(self)
+
+    def replace(self, service: _ListeningService, route: RouteConfig, hooks: Hooks, shutdown_timeout: float) -> None:
+        """
+        A route moved to another protocol, or a UDP route to another address:
+        a new service, with the old one's counters, bound before the old one retires.
+        """
+        new = self.route_service(route, hooks, shutdown_timeout, previous=service)
+        new.open()
+        self.retire(service)
+        new.setServiceParent(self)
+
+    def retire(self, service: _ListeningService) -> Deferred[None] | None:
+        """
+        Take a route out of service: its port closes (the returned Deferred
+        fires then) and its connections may finish, up to C{shutdown_timeout}
+        (UDP sessions close at once: their replies left through that port).
+        """
+        closed = service.stop_listening()
+        service.retired = True
+        finished = service.disownServiceParent()  # stopService, which now leaves the connections be
+        if isinstance(finished, Deferred):
+            self.retiring[service] = finished
+
+            def retired(_: object) -> None:
+                del self.retiring[service]
+
+            finished.addBoth(retired)
+        return closed
+
+
+def route_changes(old: RouteConfig, new: RouteConfig) -> tuple[str, ...]:
+    """The fields whose values differ, by their names in L{RouteConfig}."""
+    return tuple(f.name for f in dataclasses.fields(RouteConfig) if getattr(old, f.name) != getattr(new, f.name))
 
 
 def check_hook_names(config: Config, hooks: Mapping[str, Hooks] | None) -> None:

@@ -460,13 +460,17 @@ class Pair:
 
 
 class RelayFactory(ServerFactory):
-    """A TCP route's server factory: one L{Pair} per accepted connection."""
+    """
+    A TCP route's server factory: one L{Pair} per accepted connection.  A
+    pair reads its settings here for its whole life, so a reload gives new
+    connections a new factory, sharing C{per_client} with the older ones.
+    """
 
     noisy = False
 
     def __init__(
         self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: IRelayReactor,
-        hooks: Hooks = NO_HOOKS, stats: RouteStats | None = None,
+        hooks: Hooks = NO_HOOKS, stats: RouteStats | None = None, per_client: dict[str, int] | None = None,
     ) -> None:
         self.route = route
         self.events = events
@@ -479,7 +483,8 @@ class RelayFactory(ServerFactory):
         self.deadlines = deadlines(route, hooks)
         self.watch: HangupWatch = watch_for(reactor)
         self.pairs: set[Pair] = set()
-        self.per_client: dict[str, int] = {}
+        #: Open pairs per real client host, for C{max_connections_per_client}.
+        self.per_client: dict[str, int] = {} if per_client is None else per_client
         #: Called whenever the number of open pairs changes (connection limits).
         self.changed: Callable[[], None] = _nothing
 

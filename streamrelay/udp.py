@@ -20,6 +20,8 @@ client, so a hook that never answers cannot keep a table entry.
 A session ends when a sweep finds it idle for C{udp_idle_timeout}, when its
 target proves unreachable (an ICMP error on its connected socket), or at
 shutdown; its socket is closed and its table entry removed at the same time.
+A session keeps the route settings it began with (target, idle timeout,
+events) when a reload gives the relay new ones (L{DatagramRelay.configure}).
 
 The per-datagram path is two counter increments and one system call each
 way.  It calls the sockets' own C{send}/C{sendto} rather than
@@ -78,6 +80,8 @@ class Session(DatagramProtocol):
 
     def __init__(self, relay: DatagramRelay, client: Address) -> None:
         self.relay = relay
+        self.route = relay.route
+        self.events = relay.events
         self.client = client
         self.id = next(_session_ids)
         self.started = self.last_active = relay.reactor.seconds()
@@ -96,9 +100,8 @@ class Session(DatagramProtocol):
     @cached_property
     def context(self) -> ConnectionContext:
         """What the hooks are told; built for sessions that have hooks only."""
-        relay = self.relay
-        route = relay.route
-        return ConnectionContext(route.name, self.id, self.client, relay.listen, (route.host, route.target_port))
+        route = self.route
+        return ConnectionContext(route.name, self.id, self.client, self.relay.listen, (route.host, route.target_port))
 
     # -- the datagram path
 
@@ -177,7 +180,7 @@ class Session(DatagramProtocol):
         """Admitted: resolve the target's name, then connect."""
         relay = self.relay
         relay.stats.sessions_opened += 1
-        resolve(relay.reactor, relay.route.host, relay.route.family).addCallbacks(
+        resolve(relay.reactor, self.route.host, self.route.family).addCallbacks(
             self.connect, self.resolve_failed
         )
 
@@ -200,13 +203,13 @@ class Session(DatagramProtocol):
             return
         self.port = port
         try:
-            port.connect(address, relay.route.target_port)
+            port.connect(address, self.route.target_port)
         except OSError as e:
             self.close(f"target unreachable: {e.strerror}")
             return
         port.discard_strangers()
         self.send = port.getHandle().send
-        relay.events.debug(
+        self.events.debug(
             "session-open", conn=self.id, client=join_host_port(*self.client), via=describe(port.getHost())
         )
         held, self.held, self.held_size = self.held, [], 0
@@ -264,7 +267,7 @@ class Session(DatagramProtocol):
         self.leave()
         relay = self.relay
         relay.stats.sessions_closed[reason] += 1
-        relay.events.info(
+        self.events.info(
             "session-closed", conn=self.id, client=join_host_port(*self.client), reason=reason,
             duration=relay.reactor.seconds() - self.started,
             datagrams_up=self.datagrams_up, bytes_up=self.bytes_up,
@@ -297,7 +300,7 @@ class ObservedSession(Session):
                 self.on_read(self.context, size, direction)
             except Exception as e:
                 self.observing = False
-                self.relay.events.warn(
+                self.events.warn(
                     "hook-failed", conn=self.id, client=join_host_port(*self.client), hook="on_read", reason=repr(e)
                 )
 
@@ -329,6 +332,14 @@ class DatagramRelay(DatagramProtocol):
     sendto: Callable[[bytes, Address], Any]
     #: The listening socket's address, for the hooks' context.
     listen: Address
+
+    def configure(self, route: RouteConfig, events: RouteEvents, hooks: Hooks) -> None:
+        """New sessions get these settings (a reload); open sessions keep the ones they began with."""
+        interval = self.route.udp_cleanup_interval
+        self.route, self.events, self.hooks = route, events, hooks
+        if self.sweeper.running and route.udp_cleanup_interval != interval:
+            self.sweeper.stop()
+            self.start_sweeping()
 
     def startProtocol(self) -> None:
         port = cast(udp.Port, self.transport)  # what listenUDP and adoptDatagramPort return
@@ -390,8 +401,8 @@ class DatagramRelay(DatagramProtocol):
         session early.
         """
         now = self.reactor.seconds()
-        timeout = self.route.udp_idle_timeout
         for session in list(self.sessions.values()):
+            timeout = session.route.udp_idle_timeout
             activity = session.datagrams_up + session.datagrams_down
             if session.decision is not None and now - session.started >= timeout:
                 session.close("pre_dial timeout")

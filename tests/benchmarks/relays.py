@@ -345,6 +345,7 @@ def all_relays() -> list[Relay]:
     return [
         Direct(),
         StreamRelay("streamrelay"),
+        StreamRelay("streamrelay-status", top_level={"status": {"listen": f"{LOOPBACK}:0"}}),
         StreamRelay("streamrelay-nosplice", route_fields={"splice": False},
                     refusal="no splice field (the default path is the only one)", with_udp=False),
         StreamRelay("streamrelay-splice", route_fields={"splice": True},
