@@ -8,11 +8,14 @@ The public API, for C{.tac} files and programs that embed the relay::
 
     application = Application("streamrelay")
     make_service(load_config("routes.yml")).setServiceParent(application)
+
+C{RelayService.reload(config)} applies a new configuration in place (what
+SIGHUP does under twistd).
 """
 
 from .config import Config, ConfigError, RouteConfig, load_config, parse_config
 from .hooks import ConnectionContext, Hooks, Refused
-from .service import make_service
+from .service import RelayService, ReloadResult, make_service
 
 __all__ = [
     "Config",
@@ -20,6 +23,8 @@ __all__ = [
     "ConnectionContext",
     "Hooks",
     "Refused",
+    "RelayService",
+    "ReloadResult",
     "RouteConfig",
     "load_config",
     "make_service",

@@ -39,12 +39,13 @@ def poll(predicate: Callable[[], Any], timeout: float = DEADLINE, interval: floa
 class Relay:
     """A C{twistd -n streamrelay} process and the events it logs."""
 
-    def __init__(self, config_path: Path, *args: str, wait: bool = True) -> None:
+    def __init__(self, config_path: Path, *args: str, wait: bool = True, prefix: tuple[str, ...] = ()) -> None:
+        """C{prefix}: a command that runs twistd (C{systemd-socket-activate ...})."""
         self.config_path = config_path
         self.events: list[dict[str, Any]] = []
         self.lines: list[str] = []
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logger=streamrelay.events.json_observer",
+            [*prefix, TWISTD, "-n", "--pidfile=", "--logger=streamrelay.events.json_observer",
              "streamrelay", "--config", str(config_path), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd=config_path.parent,

@@ -14,11 +14,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from streamrelay import load_config
-from tests.harness import TWISTD, Relay, Target, poll, recv_exactly, write_config
+from tests.harness import Relay, Target, poll, recv_exactly, write_config
 from tests.test_reuse_port import free_port
 from tests.test_udp import UDPEcho
 
@@ -30,18 +29,9 @@ class ActivatedRelay(Relay):
     """A L{Relay} that C{systemd-socket-activate} starts on the first client, with C{options} for it."""
 
     def __init__(self, config_path: Path, *options: str) -> None:
-        self.config_path = config_path
-        self.events = []
-        self.lines = []
         # systemd-socket-activate passes its child a fresh environment.
         environment = ["--setenv=PYTHONPATH"] if "PYTHONPATH" in os.environ else []
-        self.process = subprocess.Popen(
-            [ACTIVATE, *environment, *options, TWISTD, "-n", "--pidfile=", "--logger=streamrelay.events.json_observer",
-             "streamrelay", "--config", str(config_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=config_path.parent,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(config_path, wait=False, prefix=(ACTIVATE, *environment, *options))
 
 
 def taken(kind: socket.SocketKind, port: int) -> bool:

@@ -10,6 +10,7 @@ import re
 import stat
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,9 @@ def test_example_config_starts(tmp_path: Path) -> None:
     with Relay(ROOT / "etc" / "routes.yml") as relay:
         assert set(relay.ports) == {"ssh", "web", "dns", "mail"}
         assert relay.ports["ssh"] == 2222
+        assert relay.wait_for("status-start")[0]["listen"] == "127.0.0.1:9180"
+        with urllib.request.urlopen("http://127.0.0.1:9180/healthz", timeout=15) as answer:
+            assert answer.status == 200
 
 
 @pytest.mark.parametrize("observer", ["twistd", "text_observer"])
