@@ -7,14 +7,19 @@ host, and how much a client may send before its target is there to take it.
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Protocol
 
-__all__ = ["HOLD_LIMIT", "HostPort", "describe", "join_host_port", "unmapped"]
+__all__ = ["HOLD_LIMIT", "RUN_ID", "HostPort", "describe", "join_host_port", "unmapped"]
 
 #: Bytes held from a client while its target is being reached, before
 #: reading from it pauses (TCP) or its datagrams are dropped (UDP): Twisted's
 #: own read size and write-buffer threshold.
 HOLD_LIMIT = 65536
+
+#: Starts every PROXY v2 unique id (TCP pairs and UDP sessions), so ids
+#: differ across relay restarts and processes.
+RUN_ID = os.urandom(4).hex()
 
 
 def join_host_port(host: str, port: int) -> str:

@@ -9,6 +9,7 @@ stream routes where the two overlap.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -20,6 +21,7 @@ import yaml
 
 from .acl import AccessList, AclError
 from .addresses import join_host_port, unmapped
+from .gateway import GatewayConfig, TargetRule, parse_target_rule
 
 __all__ = [
     "Config", "ConfigError", "ProxyMode", "RouteConfig", "RouteLoader", "RouteProtocol", "Scheme",
@@ -347,6 +349,11 @@ class RouteConfig:
     udp_idle_timeout: float = 300.0
     udp_cleanup_interval: float = 60.0
     max_udp_sessions: int = 4096
+    udp_proxy_protocol: bool = False
+    udp_max_replies: int = 0
+    udp_max_requests: int = 0
+    #: An encrypted-target gateway's settings: its clients name the target.
+    gateway: GatewayConfig | None = None
 
     @property
     def protocol(self) -> RouteProtocol:
@@ -430,17 +437,20 @@ TUNABLES: Mapping[str, _Tunable] = {
     "backlog": _Tunable(_integer(1, 65535), _TCP),
     "relay_proxy_protocol_header": _Tunable(_boolean, _TCP),
     "proxy_protocol_version": _Tunable(_choice(1, 2), _TCP),
-    "proxy_protocol_unique_id": _Tunable(_boolean, _TCP),
+    "proxy_protocol_unique_id": _Tunable(_boolean),
     "max_connections": _Tunable(_integer(0, 10_000_000), _TCP),
     "max_connections_per_client": _Tunable(_integer(0, 10_000_000), _TCP),
     "splice": _Tunable(_splice, _TCP),
     "udp_idle_timeout": _Tunable(_positive_duration, _UDP),
     "udp_cleanup_interval": _Tunable(_positive_duration, _UDP),
     "max_udp_sessions": _Tunable(_integer(1, 1 << 20), _UDP),
+    "udp_proxy_protocol": _Tunable(_boolean, _UDP),
+    "udp_max_replies": _Tunable(_integer(0, 1 << 31), _UDP),
+    "udp_max_requests": _Tunable(_integer(0, 1 << 31), _UDP),
     "reuse_port": _Tunable(_boolean),
 }
 
-_ROUTE_ONLY = ("scheme", "bind", "host", "port", "proxy_protocol", "acl")
+_ROUTE_ONLY = ("scheme", "bind", "host", "port", "proxy_protocol", "acl", "gateway")
 _TOP_LEVEL = ("defaults", "routes", "shutdown_timeout", "proxy_protocol", "entrypoint", "acl", "status")
 _STATUS_FIELDS = ("listen", "acl")
 #: Server endpoint types the status block may name (Twisted's, by their prefix).
@@ -603,6 +613,8 @@ class _Parser:
         protocol, family = scheme_protocol(scheme), scheme[3:]
         if "port" not in raw:
             self._raise(name, "port", 'missing ("LISTEN:TARGET", e.g. "2222:22")')
+        if "gateway" in raw:
+            return self.gateway_route(name, raw, defaults)
         listen_port, target_port = self.value(name, "port", raw["port"], parse_port)
 
         bind = self.value(name, "bind", raw.get("bind", "0.0.0.0" if family == "4" else "::"), parse_address)
@@ -613,9 +625,7 @@ class _Parser:
         settings: dict[str, Any] = {}
         if protocol == "tcp":
             settings["proxy_protocol"] = defaults["proxy_protocol"]
-        if "proxy_protocol" in raw:
-            if protocol != "tcp":
-                self._raise(name, "proxy_protocol", f"only supported for tcp routes, not {scheme}")
+        if "proxy_protocol" in raw:  # a UDP route's own block only: the top-level one is for TCP
             settings["proxy_protocol"] = self.proxy_protocol(name, "proxy_protocol", raw["proxy_protocol"])
         settings["acl"] = self.acl(name, raw["acl"]) if "acl" in raw else defaults["acl"]
         for key, tunable in TUNABLES.items():
@@ -630,6 +640,46 @@ class _Parser:
             name=name, scheme=scheme, bind=bind, listen_port=listen_port,
             host=host, target_port=target_port, **settings,
         )
+
+    def gateway_route(self, name: str, raw: _YAMLMapping, defaults: dict[str, Any]) -> RouteConfig:
+        """
+        A TCP route whose clients name their target (L{streamrelay.gateway}):
+        C{port} is the listening port alone, and C{host} has no place.
+        """
+        if scheme_protocol(raw["scheme"]) != "tcp" or "host" in raw:
+            self._raise(name, "gateway", "only for tcp routes, which then have no host (clients name the target)")
+        listen = self.value(name, "port", raw["port"], _listen_port)
+        plain = self.route(name, {**{k: v for k, v in raw.items() if k != "gateway"}, "port": f"{listen}:1"}, defaults)
+        return dataclasses.replace(plain, target_port=0, gateway=self.gateway(name, raw["gateway"]))
+
+    def gateway(self, route: str, raw: object) -> GatewayConfig:
+        block = self.mapping(route, "gateway", raw, (*_GATEWAY_FIELDS, "secret_file", "secret_env", "allow_targets"))
+        sources = [key for key in ("secret_file", "secret_env") if key in block]
+        if len(sources) != 1:
+            self._raise(route, "gateway.secret_file", "give exactly one of secret_file and secret_env (never the secret itself)")
+        source = sources[0]
+        location = self.value(route, f"gateway.{source}", block[source], _nonempty_text)
+        try:
+            if source == "secret_file":
+                with open(os.path.join(os.path.dirname(self.path), location), "rb") as f:
+                    secret = f.read().removesuffix(b"\n").removesuffix(b"\r")
+            else:
+                secret = os.environ.get(location, "").encode()
+        except OSError as e:
+            self._raise(route, f"gateway.{source}", f"cannot read the secret: {e}")
+        if not secret:
+            self._raise(route, f"gateway.{source}", f"the secret in {location!r} is missing or empty")
+        targets = block.get("allow_targets")
+        if not isinstance(targets, list) or not targets:
+            self._raise(route, "gateway.allow_targets", "required: a list of NETWORK:PORTS entries, or [any]")
+        settings: dict[str, Any] = {
+            key: self.value(route, f"gateway.{key}", block[key], parse) for key, parse in _GATEWAY_FIELDS.items() if key in block
+        }
+        settings[source] = location
+        rules = tuple(
+            self.value(route, f"gateway.allow_targets[{i}]", entry, _target_rule) for i, entry in enumerate(targets)
+        )
+        return GatewayConfig(secret=secret, allow_targets=rules, **settings)
 
     def check_family(self, route: str, key: str, scheme: Scheme, address: str) -> None:
         try:
@@ -653,6 +703,42 @@ class _Parser:
                         f"{second.protocol} {second.listen} clashes with route "
                         f"{first.name!r} listening on {first.listen}",
                     )
+
+
+def _listen_port(value: object) -> int:
+    """A gateway route's C{port}: the listening port alone."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _Invalid("a listening port from 0 to 65535")
+    return _port_number(str(value), 0, "a listening")
+
+
+def _nonempty_text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid("a file name or an environment variable's name")
+    return value
+
+
+def _target_rule(value: object) -> TargetRule:
+    try:
+        return parse_target_rule(value)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+
+
+#: A C{gateway} block's settings besides the secret and C{allow_targets}.
+_GATEWAY_FIELDS: Mapping[str, Callable[[object], Any]] = {
+    "format": _choice("openssl", "sealed"),
+    "kdf": _choice("sha256", "md5", "pbkdf2"),
+    "iterations": _integer(1, 10_000_000),
+    "retry": _integer(1, 100),
+    "timeout": _positive_duration,
+    "line_timeout": _positive_duration,
+    "max_line": _integer(64, 65536),
+    "max_failures": _integer(0, 1_000_000),
+    "failure_window": _positive_duration,
+    "ban_time": _positive_duration,
+    "cache_size": _integer(0, 1_000_000),
+}
 
 
 def _binds_overlap(a: str, b: str) -> bool:

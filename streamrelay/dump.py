@@ -17,6 +17,7 @@ import yaml
 
 from .acl import AccessList
 from .config import TUNABLES, Config, ProxyProtocolConfig, RouteConfig, RouteLoader, parse_duration
+from .gateway import GatewayConfig
 
 __all__ = ["describe", "dump", "report"]
 
@@ -39,6 +40,8 @@ def describe(route: RouteConfig) -> str:
         notes.append(f"proxy_protocol {route.proxy_protocol.mode}")
     if route.relay_proxy_protocol_header:
         notes.append(f"relay_proxy_protocol_header v{route.proxy_protocol_version}")
+    if route.udp_proxy_protocol:
+        notes.append("udp_proxy_protocol")
     acl = route.acl
     if not acl.permits_everything:  # its stages in the order a client meets them
         stages = ["allow_local"] if acl.allow_local else []
@@ -51,7 +54,8 @@ def describe(route: RouteConfig) -> str:
         notes.append("reuse_port")
     if route.protocol == "tcp":
         notes.append(f"splice {_scalar(route.splice)}")
-    line = f"{route.name}: {route.scheme} {route.listen} -> {route.dst}"
+    target = f"gateway ({route.gateway.format}, {len(route.gateway.allow_targets)} allow_targets)" if route.gateway else route.dst
+    line = f"{route.name}: {route.scheme} {route.listen} -> {target}"
     return f"{line} ({', '.join(notes)})" if notes else line
 
 
@@ -77,9 +81,22 @@ def _route(route: RouteConfig) -> dict[str, Any]:
         # which the file can only express by leaving the field out.
         if route.protocol in tunable.protocols and not (key == "dial_timeout" and not value):
             fields[key] = _duration(value) if isinstance(value, float) else value
-    if route.protocol == "tcp":
-        fields["proxy_protocol"] = _proxy_protocol(route.proxy_protocol)
+    fields["proxy_protocol"] = _proxy_protocol(route.proxy_protocol)
     fields["acl"] = _acl(route.acl)
+    if route.gateway is not None:  # clients name the target: no host, the listening port alone
+        del fields["host"]
+        fields["port"] = str(route.listen_port)
+        fields["gateway"] = _gateway(route.gateway)
+    return fields
+
+
+def _gateway(settings: GatewayConfig) -> dict[str, Any]:
+    """Where the secret is kept, never the secret."""
+    fields = {
+        key: _duration(value) if isinstance(value, float) else value
+        for key, value in vars(settings).items() if key != "secret" and value is not None
+    }
+    fields["allow_targets"] = [rule.text for rule in settings.allow_targets]
     return fields
 
 

@@ -70,6 +70,10 @@ FORMATS = {
     "hook-failed": "route {route}: #{conn} {client}: {hook} hook raised {reason}; disabled for this connection",
     "rejected": "route {route}: rejected {client}: {reason} ({suppressed} more not logged)",
     "abort": "route {route}: #{conn} {client} aborted: {reason}",
+    "oversized": (
+        "route {route}: #{conn} {client}: dropped a {size}-byte datagram, over {limit} bytes with the"
+        " {header}-byte PROXY header ({suppressed} more not logged)"
+    ),
     "session-open": "route {route}: {client} session to {dst} opened from {via}",
     "session-closed": (
         "route {route}: {client} session closed ({reason}) after {duration:.3f}s,"
@@ -84,6 +88,8 @@ FORMATS = {
     "reload-failed": "{path} not reloaded, the configuration in force goes on: {error}",
     "log-dropped": "log writer dropped {dropped} lines: the reader fell more than {limit} characters behind",
     "status-start": "status endpoint listening on {listen}",
+    "gateway": "route {route}: #{conn} answered {client} {status}: {reason} ({suppressed} more not logged)",
+    "banned": "route {route}: #{conn} refused {client}: banned after repeated 401s ({suppressed} more not logged)",
     "status-stop": "status endpoint stopped listening on {listen}",
     "status-denied": "status endpoint: denied {client} by {rule} ({suppressed} more not logged)",
 }

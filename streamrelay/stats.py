@@ -31,7 +31,7 @@ class RouteStats:
     __slots__ = (
         "accepted", "closed", "dial_failures", "bytes_up", "bytes_down", "spliced",
         "header_errors", "sessions_opened", "sessions_closed", "datagrams_up", "datagrams_down",
-        "datagrams_dropped",
+        "datagrams_dropped", "datagrams_oversized",
     )
 
     def __init__(self) -> None:
@@ -46,7 +46,8 @@ class RouteStats:
         self.bytes_down = 0
         #: Pairs that went on the splice path.
         self.spliced = 0
-        #: Inbound PROXY headers refused, by reason (C{invalid}, C{timeout}, C{untrusted}, C{incomplete}).
+        #: Inbound PROXY headers refused, by reason (C{invalid}, C{timeout}, C{untrusted}, C{incomplete};
+        #: UDP datagrams: L{streamrelay.datagrams.read_header}'s reasons).
         self.header_errors: Counter[str] = Counter()
         #: UDP sessions opened, and closed by reason (C{idle} is an expiry).
         self.sessions_opened = 0
@@ -55,6 +56,8 @@ class RouteStats:
         self.datagrams_up = 0
         self.datagrams_down = 0
         self.datagrams_dropped = 0
+        #: Of those, datagrams too large to send with the outbound PROXY header (counted as dropped).
+        self.datagrams_oversized = 0
 
 
 def dial_failure_kind(reason: Failure) -> str:

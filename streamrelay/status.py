@@ -223,7 +223,7 @@ def session_snapshot(session: Session, dst: str, now: float) -> dict[str, Any]:
     client = join_host_port(*session.client)
     moved = session.datagrams_up + session.datagrams_down != session.seen
     return {
-        "id": session.id, "client": client, "peer": client,
+        "id": session.id, "client": client, "peer": join_host_port(*session.peer),
         "target": join_host_port(*port.getHandle().getpeername()[:2]) if port is not None else dst,
         "state": "checking" if session.decision is not None else "dialing" if port is None else "relaying",
         "bytes_up": session.bytes_up, "bytes_down": session.bytes_down,
@@ -259,7 +259,10 @@ def address_text(address: IAddress) -> str:
 
 #: Refusal kinds (the events' actions, L{events.RefusalLog}) as the metrics name them.
 REFUSAL_KINDS = {
-    "tcp": {"denied": "acl", "limited": "per-client", "rejected": "proxy-header", "refused": "hook"},
+    "tcp": {
+        "denied": "acl", "limited": "per-client", "rejected": "proxy-header", "refused": "hook",
+        "gateway": "gateway-line", "banned": "gateway-ban",
+    },
     "udp": {"denied": "acl", "limited": "limit", "refused": "hook"},
 }
 
@@ -283,6 +286,7 @@ ROUTE_METRICS: tuple[tuple[str, str, bool, str | None], ...] = (
     ("datagrams_up", "Datagrams from clients", True, None),
     ("datagrams_down", "Datagrams from targets", True, None),
     ("datagrams_dropped", "Datagrams that could not be sent", True, None),
+    ("datagrams_oversized", "Datagrams dropped as too large with the outbound PROXY header", True, None),
 )
 
 #: A sample of a per-route family: its name, its value, its extra label's value.
@@ -369,6 +373,9 @@ def udp_samples(route: service.UDPRouteService) -> Iterator[Sample]:
     yield "datagrams_up", stats.datagrams_up + sum(s.datagrams_up for s in sessions), None
     yield "datagrams_down", stats.datagrams_down + sum(s.datagrams_down for s in sessions), None
     yield "datagrams_dropped", stats.datagrams_dropped + sum(s.dropped for s in sessions), None
+    yield "datagrams_oversized", stats.datagrams_oversized, None
+    for reason, count in stats.header_errors.items():
+        yield "proxy_header_errors", count, reason
 
 
 # ---------------------------------------------------------------- twisted.web

@@ -17,7 +17,6 @@ kept in the L{HangupWatch}, so a reset of the paused side is seen at once.
 from __future__ import annotations
 
 import itertools
-import os
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -29,10 +28,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import events, splice
-from .addresses import HOLD_LIMIT, describe
+from .addresses import HOLD_LIMIT, RUN_ID, describe
 from .config import RouteConfig
 from .dial import Dial, is_ip_literal, resolve
 from .events import RefusalLog, RouteEvents
+from .gateway import BAD_LINE, DIAL_FAILED, DIAL_TIMEOUT, OK, Gateway, answer
 from .hangups import HangupWatch, watch_for
 from .hooks import NO_HOOKS, ConnectionContext, Hooks, OnRead
 from .interfaces import IRelayReactor, IRelayTransport
@@ -44,8 +44,6 @@ from .stats import RouteStats, dial_failure_kind
 __all__ = ["Pair", "RelayFactory", "Side"]
 
 _connection_ids = itertools.count(1)
-#: Makes PROXY v2 unique ids differ across relay restarts and processes.
-_RUN_ID = os.urandom(4).hex()
 
 #: The C{reason} of a pair closed by its state's deadline.
 _TIMEOUT_REASONS = {
@@ -184,6 +182,9 @@ class Pair:
         self.client_host = ""
         self.counted_client = False
         self.context: ConnectionContext | None = None
+        route = factory.route
+        self.target_host, self.target_port = route.host, route.target_port  # a gateway's line names them
+        self.awaiting_line = False
         self.started = factory.reactor.seconds()
         self.done: Deferred[None] = Deferred()
 
@@ -248,7 +249,9 @@ class Pair:
         """Keep what the client sends while the target is being reached."""
         self.held.append(data)
         self.held_size += len(data)
-        if self.held_size >= HOLD_LIMIT and not self.client_paused:
+        if self.awaiting_line:
+            self.read_line()
+        elif self.held_size >= HOLD_LIMIT and not self.client_paused:
             self.client_paused = True
             self.client.transport.pauseProducing()
 
@@ -269,12 +272,15 @@ class Pair:
             if not decision.allowed:
                 self.feed(Input.REFUSED, detail=("denied", {"rule": decision.rule}))
                 return
+        if factory.gateway is not None and factory.gateway.banned(self.client_host):
+            self.feed(Input.REFUSED, detail=("banned", {}))
+            return
         if not factory.admit_client(self):
             self.feed(Input.REFUSED, detail=("limited", {"reason": "max_connections_per_client reached"}))
             return
         pre_dial = factory.hooks.pre_dial
         if factory.hooks.on_read is None and pre_dial is None:
-            self.feed(Input.ADMITTED)
+            self.admitted()
             return
         host = self.client.transport.getHost()
         self.context = context = ConnectionContext(
@@ -282,7 +288,7 @@ class Pair:
             (host.host, host.port), (route.host, route.target_port),
         )
         if pre_dial is None:
-            self.feed(Input.ADMITTED)
+            self.admitted()
             return
         # maybeDeferred turns a raise into a failure and awaits coroutines;
         # cancelling it (the client left, the budget ran out) cancels those.
@@ -294,7 +300,7 @@ class Pair:
         if allowed is False:
             self.feed(Input.REFUSED, detail=("refused", {"reason": "pre_dial refused"}))
         else:
-            self.feed(Input.ADMITTED)
+            self.admitted()
 
     def pre_dial_failed(self, reason: Failure) -> None:
         self.pending = None
@@ -302,23 +308,60 @@ class Pair:
         why = reason.getErrorMessage() or reason.type.__name__  # type: ignore[union-attr]
         self.feed(Input.REFUSED, detail=("refused", {"reason": f"pre_dial failed: {why}"}))
 
+    def admitted(self) -> None:
+        """Through the checks: dial, once a gateway's client has named its target."""
+        if self.factory.gateway is None:
+            self.feed(Input.ADMITTED)
+        else:
+            self.awaiting_line = True
+            self.read_line()
+
+    def read_line(self) -> None:
+        """
+        Look for a gateway's line in what the client sent: the target it
+        names is dialed, and the bytes after it stay held for the target.
+        """
+        gateway = self.factory.gateway
+        assert gateway is not None
+        data = b"".join(self.held)
+        end = data.find(b"\n", 0, gateway.settings.max_line + 1)
+        if end < 0:
+            self.held = [data]
+            if len(data) > gateway.settings.max_line:
+                self.awaiting_line = False
+                self.feed(Input.REFUSED, detail=("gateway", {"status": BAD_LINE, "reason": "no line within max_line"}))
+            return
+        self.awaiting_line = False
+        rest = data[end + 1 :]
+        self.held, self.held_size = ([rest] if rest else []), len(rest)
+        found = gateway.read(data[:end], self.client_host)
+        if isinstance(found[0], int):
+            status, why = found
+            self.feed(Input.REFUSED, detail=("gateway", {"status": status, "reason": why}))
+            return
+        if self.timer is not None:  # line_timeout: each connect attempt has its own from here
+            self.timer.cancel()
+            self.timer = None
+        self.target_host, self.target_port = found
+        self.feed(Input.ADMITTED)
+
     # -- actions (named in lifecycle.TRANSITIONS)
 
     def dial(self, side: None, detail: None) -> None:
         """Resolve the target (IP literals need no Deferred), then dial it."""
         route = self.factory.route
-        if is_ip_literal(route.host):
-            self.start_dial([route.host])
+        if is_ip_literal(self.target_host):
+            self.start_dial([self.target_host])
             return
-        self.pending = resolving = resolve(self.factory.reactor, route.host, route.family)
+        self.pending = resolving = resolve(self.factory.reactor, self.target_host, route.family)
         resolving.addCallbacks(self.start_dial, self.dial_failed)
 
     def start_dial(self, addresses: list[str]) -> None:
         self.pending = None
-        route = self.factory.route
+        factory = self.factory
         self.connecting = Dial(
-            self.factory.reactor, addresses, route.target_port, route.connect_timeout,
-            route.retries, lambda: self.factory.side_class(self, "target"), self.dial_failed,
+            factory.reactor, addresses, self.target_port, factory.connect_timeout,
+            factory.retries, lambda: factory.side_class(self, "target"), self.dial_failed,
         )
         self.connecting.start()
 
@@ -326,22 +369,37 @@ class Pair:
         self.pending = None
         self.feed(Input.DIAL_FAILED, detail=(dial_failure_kind(reason), reason.getErrorMessage()))
 
-    def refuse(self, side: None, detail: tuple[str, dict[str, str]]) -> None:
-        """Reset a client that may not be relayed; logged per kind, throttled."""
+    def refuse(self, side: None, detail: tuple[str, dict[str, Any]]) -> None:
+        """
+        Reset a client that may not be relayed; logged per kind, throttled.
+        A gateway's client is told why (C{status}) and closed instead.
+        """
         kind, fields = detail
-        self.reason = kind
         self.refused = True
         self.factory.refusals.refuse(kind, conn=self.id, client=self.peer, **fields)
-        self.path.abort(self.client)
+        status = fields.get("status")
+        if status is None:
+            self.reason = kind
+            self.path.abort(self.client)
+        else:
+            self.reason = f"gateway {status}"
+            self.client.transport.write(answer(status))
+            self.path.close(self.client)
 
     def give_up(self, side: None, detail: str | tuple[str, str]) -> None:
         """
         The target cannot be reached (in time): close the client.  C{detail}
         is the budget's timeout reason, or a failed dial's kind and message.
         """
+        if self.awaiting_line:
+            self.awaiting_line = False
+            self.refuse(side, ("gateway", {"status": BAD_LINE, "reason": "no line within line_timeout"}))
+            return
         kind, message = detail if isinstance(detail, tuple) else ("timeout", detail)
         self.reason = "dial failed"
         self.stop_reaching()
+        if self.factory.gateway is not None:
+            self.client.transport.write(answer(DIAL_TIMEOUT if kind == "timeout" else DIAL_FAILED))
         self.factory.stats.dial_failures[kind] += 1
         self.factory.events.warn("dial-failed", conn=self.id, client=self.peer, reason=message)
         self.path.close(self.client)
@@ -364,7 +422,9 @@ class Pair:
         if self.client_paused:
             self.client_paused = False
             self.client.transport.resumeProducing()
-        if factory.splicing and not self.client.eof:
+        if factory.gateway is not None:
+            self.client.transport.write(answer(OK))  # the splice engine takes only empty buffers
+        elif factory.splicing and not self.client.eof:
             spliced = SplicePath.of(self.client, target, factory.reactor, self.spliced_bytes, factory.watch)
             if spliced is not None:
                 self.path = spliced
@@ -454,7 +514,7 @@ class Pair:
             return build_v1(source, destination)
         tlvs = []
         if route.proxy_protocol_unique_id:
-            self.unique_id = f"{_RUN_ID}-{self.id}"
+            self.unique_id = f"{RUN_ID}-{self.id}"
             tlvs.append((PP2_TYPE_UNIQUE_ID, self.unique_id.encode("ascii")))
         return build_v2(source, destination, tlvs=tlvs)
 
@@ -481,6 +541,10 @@ class RelayFactory(ServerFactory):
         self.side_class: type[Side] = Side if hooks.on_read is None else ObservedSide
         self.splicing = splicing(route, hooks)
         self.deadlines = deadlines(route, hooks)
+        self.gateway = Gateway(route.gateway, reactor) if route.gateway is not None else None
+        #: How the target is dialed: a gateway's own settings, or the route's.
+        self.connect_timeout = route.gateway.timeout if route.gateway else route.connect_timeout
+        self.retries = route.gateway.retry - 1 if route.gateway else route.retries
         self.watch: HangupWatch = watch_for(reactor)
         self.pairs: set[Pair] = set()
         #: Open pairs per real client host, for C{max_connections_per_client}.
@@ -523,6 +587,9 @@ def deadlines(route: RouteConfig, hooks: Hooks) -> dict[State, float]:
     to the default budget, so CHECKING needs no timer of its own.
     """
     periods = {state: float(getattr(route, setting)) if setting else 0.0 for state, setting in DEADLINES.items()}
+    if route.gateway is not None:  # until the line is read; then each connect attempt has its timeout
+        periods[State.CHECKING] = route.gateway.line_timeout
+        return periods
     if not route.dial_timeout and hooks.pre_dial is None and is_ip_literal(route.host):
         periods[State.CHECKING] = 0.0
     return periods

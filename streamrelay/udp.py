@@ -30,6 +30,13 @@ session's socket reads one reply per readiness event (L{SessionPort}); and it
 keeps no timestamps: the sweep notices activity by comparing counters.  An
 C{on_read} hook gets sessions of their own class (L{ObservedSession}), so
 routes without one pay nothing for it.
+
+The PROXY protocol over UDP (L{streamrelay.datagrams}) and the session
+limits C{udp_max_replies}/C{udp_max_requests} are chosen once too: a route
+with inbound headers gets a different C{datagramReceived} (its sessions are
+keyed by C{(proxy peer, real client)} and answer the peer), and a session
+that sends headers or counts requests or replies gets other C{send} and
+C{reply} callables when it opens; a route without them runs the path above.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from __future__ import annotations
 import errno
 import itertools
 from functools import cached_property
-from typing import Any, Callable, cast
+from typing import Any, Callable, Union, cast
 
 from twisted.internet import udp
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -46,9 +53,10 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from .addresses import HOLD_LIMIT, describe, join_host_port
+from .addresses import HOLD_LIMIT, RUN_ID, describe, join_host_port
 from .compat import SessionPort
 from .config import RouteConfig
+from .datagrams import MAX_UDP_PAYLOAD, DatagramDropped, read_header, session_header
 from .dial import resolve
 from .events import RefusalLog, RouteEvents
 from .hooks import NO_HOOKS, ConnectionContext, Hooks, OnRead, PreDial
@@ -63,6 +71,9 @@ __all__ = ["MAX_DATAGRAM", "DatagramRelay", "ObservedSession", "Session"]
 MAX_DATAGRAM = 65535
 
 Address = tuple[str, int]
+#: A session's key in its relay's table: the client's address, or on a route
+#: with inbound PROXY headers C{(proxy peer, real client)}.
+SessionKey = Union[Address, tuple[Address, Address]]
 
 #: Session ids: the C{conn} of the logs and of the hooks' context.
 _session_ids = itertools.count(1)
@@ -74,15 +85,25 @@ class Session(DatagramProtocol):
     target.  Until that socket exists (the C{pre_dial} hook is deciding, the
     target's name is being resolved) what the client sends is held, up to
     L{HOLD_LIMIT} bytes.
+
+    C{client} is the real client (for the ACL, hooks, logs and any outbound
+    header); C{peer}, where replies go, is the proxy that sent the client's
+    datagrams with a PROXY header, else the client itself.  C{destination}
+    is the address the client wrote to, when an inbound header says.
     """
 
     noisy = False
 
-    def __init__(self, relay: DatagramRelay, client: Address) -> None:
+    def __init__(
+        self, relay: DatagramRelay, client: Address, peer: Address | None = None, destination: Address | None = None,
+    ) -> None:
         self.relay = relay
-        self.route = relay.route
+        route = self.route = relay.route
         self.events = relay.events
         self.client = client
+        self.peer = client if peer is None else peer
+        self.key: SessionKey = client if peer is None else (peer, client)
+        self.destination = destination
         self.id = next(_session_ids)
         self.started = self.last_active = relay.reactor.seconds()
         self.seen = 0
@@ -92,7 +113,8 @@ class Session(DatagramProtocol):
         self.held: list[bytes] = []
         self.held_size = 0
         self.send: Callable[[bytes], Any] = self.hold
-        self.reply = relay.sendto
+        self.reply = relay.sendto if not route.udp_max_replies else self.reply_then_close
+        self.requests = 0
         self.port: SessionPort | None = None
         self.decision: Deferred[object] | None = None  # the pending pre_dial hook's
         self.closed = False
@@ -119,9 +141,47 @@ class Session(DatagramProtocol):
         self.datagrams_down += 1
         self.bytes_down += len(data)
         try:
-            self.reply(data, self.client)
+            self.reply(data, self.peer)
         except OSError:
             self.dropped += 1
+
+    def reply_then_close(self, data: bytes, peer: Address) -> None:
+        """C{reply} under C{udp_max_replies}: the last reply closes the session."""
+        try:
+            self.relay.sendto(data, peer)
+        finally:
+            if self.datagrams_down >= self.route.udp_max_replies:
+                self.close("max_replies")
+
+    def send_then_close(self, data: bytes) -> None:
+        """C{send} under C{udp_max_requests}: the last request closes the session."""
+        self.requests += 1
+        try:
+            self.send_next(data)
+        finally:
+            if self.requests >= self.route.udp_max_requests:
+                self.close("max_requests")
+
+    def send_with_header(self, data: bytes) -> None:
+        """
+        C{send} under C{udp_proxy_protocol}: the header and the payload in
+        one datagram, as the spec requires; one too large for UDP is dropped.
+        """
+        if len(data) > self.room:
+            self.dropped += 1
+            relay = self.relay
+            relay.stats.datagrams_oversized += 1
+            relay.refusals.refuse(
+                "oversized", conn=self.id, client=join_host_port(*self.client), size=len(data),
+                header=len(self.header), limit=MAX_UDP_PAYLOAD,
+            )
+            return
+        self.send_raw(self.header + data)
+
+    def proxy_header(self) -> bytes:
+        """The outbound header: the real client, and the address it wrote to (else the listener's)."""
+        unique_id = f"{RUN_ID}-u{self.id}" if self.route.proxy_protocol_unique_id else None
+        return session_header(self.client, self.destination or self.relay.listen, unique_id)
 
     def send_failed(self, error: OSError) -> None:
         """
@@ -208,14 +268,23 @@ class Session(DatagramProtocol):
             self.close(f"target unreachable: {e.strerror}")
             return
         port.discard_strangers()
-        self.send = port.getHandle().send
+        send: Callable[[bytes], Any] = port.getHandle().send
+        route = self.route
+        if route.udp_proxy_protocol:
+            self.header = self.proxy_header()
+            self.room = MAX_UDP_PAYLOAD - len(self.header)
+            self.send_raw, send = send, self.send_with_header
+        if route.udp_max_requests:
+            self.send_next, send = send, self.send_then_close
+        self.send = send
         self.events.debug(
             "session-open", conn=self.id, client=join_host_port(*self.client), via=describe(port.getHost())
         )
-        held, self.held, self.held_size = self.held, [], 0
-        for data in held:
+        # Popped one by one: what a closing send leaves here, leave() counts as dropped.
+        held, self.held_size = self.held, 0
+        while held and not self.closed:
             try:
-                self.send(data)
+                send(held.pop(0))
             except OSError as e:
                 self.send_failed(e)
 
@@ -244,7 +313,7 @@ class Session(DatagramProtocol):
     def leave(self) -> None:
         """Leave the table, dropping what is held and cancelling a pending hook."""
         self.closed = True
-        del self.relay.sessions[self.client]
+        del self.relay.sessions[self.key]
         self.dropped += len(self.held)
         self.held = []
         stats = self.relay.stats
@@ -280,8 +349,11 @@ class Session(DatagramProtocol):
 class ObservedSession(Session):
     """A session whose datagrams are also reported to an C{on_read} hook."""
 
-    def __init__(self, relay: DatagramRelay, client: Address, on_read: OnRead) -> None:
-        super().__init__(relay, client)
+    def __init__(
+        self, relay: DatagramRelay, client: Address, on_read: OnRead,
+        peer: Address | None = None, destination: Address | None = None,
+    ) -> None:
+        super().__init__(relay, client, peer, destination)
         self.on_read = on_read
         self.observing = True
 
@@ -323,10 +395,11 @@ class DatagramRelay(DatagramProtocol):
         self.reactor = reactor
         self.hooks = hooks
         self.stats = stats or RouteStats()
-        self.sessions: dict[Address, Session] = {}
+        self.sessions: dict[SessionKey, Session] = {}
         self.sweeper = LoopingCall(self.sweep)
         self.sweeper.clock = reactor
         self.unreachable = 0
+        self.choose_path()
 
     #: The listening socket's own C{sendto}, for the sessions' replies.
     sendto: Callable[[bytes, Address], Any]
@@ -337,6 +410,7 @@ class DatagramRelay(DatagramProtocol):
         """New sessions get these settings (a reload); open sessions keep the ones they began with."""
         interval = self.route.udp_cleanup_interval
         self.route, self.events, self.hooks = route, events, hooks
+        self.choose_path()
         if self.sweeper.running and route.udp_cleanup_interval != interval:
             self.sweeper.stop()
             self.start_sweeping()
@@ -357,14 +431,42 @@ class DatagramRelay(DatagramProtocol):
         """New clients' datagrams dropped by the ACL (the C{stop} event's C{denied})."""
         return self.refusals.counts.get("denied", 0)
 
-    def datagramReceived(self, data: bytes, addr: Address) -> None:
+    #: What the listening port calls with each datagram: L{plain_datagram},
+    #: or L{proxied_datagram} on a route with inbound PROXY headers (an
+    #: attribute where Twisted declares a method: hence the ignore).
+    datagramReceived: Callable[[bytes, Address], None]  # type: ignore[assignment]
+
+    def choose_path(self) -> None:
+        """Pick the per-datagram path for the route's settings, once rather than per datagram."""
+        proxied = self.route.proxy_protocol.mode != "disabled"
+        self.datagramReceived = self.proxied_datagram if proxied else self.plain_datagram
+
+    def plain_datagram(self, data: bytes, addr: Address) -> None:
         session = self.sessions.get(addr)
         if session is not None:
             session.up(data)
         else:
             self.open(data, addr)
 
-    def open(self, data: bytes, addr: Address) -> None:
+    def proxied_datagram(self, data: bytes, addr: Address) -> None:
+        """
+        A datagram on a route with inbound PROXY headers, judged alone: its
+        header (if any) stripped, its session that of C{(addr, real client)}.
+        One dropped is counted by reason and logged as C{rejected}.
+        """
+        try:
+            client, destination, payload = read_header(self.route.proxy_protocol, data, addr)
+        except DatagramDropped as e:
+            self.stats.header_errors[e.reason] += 1
+            self.refusals.refuse("rejected", client=join_host_port(*addr), reason=str(e), header_error=e.reason)
+            return
+        session = self.sessions.get((addr, client))
+        if session is not None:
+            session.up(payload)
+        else:
+            self.open(payload, client, addr, destination)
+
+    def open(self, data: bytes, client: Address, peer: Address | None = None, destination: Address | None = None) -> None:
         """
         A datagram from a new client: open its session, unless the ACL denies
         the client or the table is full, once C{pre_dial} (if set) agrees.
@@ -374,18 +476,22 @@ class DatagramRelay(DatagramProtocol):
         """
         route = self.route
         if not route.acl.permits_everything:
-            decision = route.acl.check(addr[0])
+            decision = route.acl.check(client[0])
             if not decision.allowed:
-                self.refusals.refuse("denied", client=join_host_port(*addr), rule=decision.rule)
+                self.refusals.refuse("denied", client=join_host_port(*client), rule=decision.rule)
                 return
         if len(self.sessions) >= route.max_udp_sessions:
             self.refusals.refuse(
-                "limited", conn=next(_session_ids), client=join_host_port(*addr), reason="max_udp_sessions reached"
+                "limited", conn=next(_session_ids), client=join_host_port(*client), reason="max_udp_sessions reached"
             )
             return
         hooks = self.hooks
         on_read = hooks.on_read
-        session = self.sessions[addr] = Session(self, addr) if on_read is None else ObservedSession(self, addr, on_read)
+        session = (
+            Session(self, client, peer, destination) if on_read is None
+            else ObservedSession(self, client, on_read, peer, destination)
+        )
+        self.sessions[session.key] = session
         session.up(data)
         if hooks.pre_dial is None:
             session.open()

@@ -140,8 +140,11 @@ def test_dump_fills_in_every_default() -> None:
             },
             "dns": {
                 "scheme": "udp", "bind": "::", "host": "localhost", "port": "0:53",
+                "proxy_protocol_unique_id": False,
                 "udp_idle_timeout": "5m", "udp_cleanup_interval": "1m", "max_udp_sessions": 4096,
-                "reuse_port": False, "acl": {"default": "allow", "allow_local": False, "allow": [], "deny": []},
+                "udp_proxy_protocol": False, "udp_max_replies": 0, "udp_max_requests": 0, "reuse_port": False,
+                "proxy_protocol": {"mode": "disabled", "trusted_proxies": [], "timeout": "3s", "detect_timeout": "300ms"},
+                "acl": {"default": "allow", "allow_local": False, "allow": [], "deny": []},
             },
         },
     }
