@@ -11,7 +11,8 @@
  *       byte is echoed and the connection stays open until the peer closes.
  *       Runs until killed.
  *   udp-echo PORT
- *       Echoes every datagram to its sender.  Runs until killed.
+ *       Echoes every datagram to its sender (the payload behind a PROXY v2
+ *       header, if one leads it).  Runs until killed.
  *   cps HOST PORT COUNT CONCURRENCY TIMEOUT_MS
  *       COUNT short connections, CONCURRENCY at a time: connect, send a
  *       request, read the whole reply and the server's FIN, close.
@@ -143,6 +144,8 @@ static _Noreturn void tcp_target(int port) {
     }
 }
 
+static const char PROXY_V2_SIGNATURE[12] = "\r\n\r\n\0\r\nQUIT\n";
+
 static _Noreturn void udp_echo(int port) {
     int fd = listen_on(SOCK_DGRAM, port);
     int size = 8 << 20;
@@ -163,7 +166,17 @@ static _Noreturn void udp_echo(int port) {
         }
         int got = recvmmsg(fd, messages, BATCH, MSG_WAITFORONE, NULL);
         if (got <= 0) continue;
-        for (int i = 0; i < got; i++) iovecs[i].iov_len = messages[i].msg_len;
+        for (int i = 0; i < got; i++) {
+            /* Echo the payload: a PROXY v2 header in front of it (a relay's
+             * udp_proxy_protocol) is read and left out, as a server that
+             * understands it would. */
+            size_t length = messages[i].msg_len, skip = 0;
+            const unsigned char *data = (const unsigned char *)buffers[i];
+            if (length >= 16 && memcmp(data, PROXY_V2_SIGNATURE, 12) == 0)
+                skip = 16 + ((size_t)data[14] << 8 | data[15]);
+            if (skip > length) skip = length;
+            iovecs[i] = (struct iovec){buffers[i] + skip, length - skip};
+        }
         sendmmsg(fd, messages, got, 0);
     }
 }

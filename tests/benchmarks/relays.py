@@ -133,7 +133,8 @@ class StreamRelay(Relay):
     C{etc/} do (C{text_observer} at the default C{info} level: one C{closed}
     line per connection).
 
-    C{route_fields} are added to every TCP route (C{splice}, C{reuse_port});
+    C{route_fields} are added to every TCP route (C{splice}, C{reuse_port}),
+    C{udp_fields} to the UDP route (C{udp_proxy_protocol});
     C{top_level} to the file (C{acl}); C{processes} copies share the ports
     (needs C{reuse_port}), one on each CPU in turn: the second shares the
     load generator's CPU, as it would share a 2-core machine with anything.  A refused config raises L{Skipped} with
@@ -144,10 +145,12 @@ class StreamRelay(Relay):
     def __init__(self, name: str, *, route_fields: dict[str, Any] | None = None,
                  top_level: dict[str, Any] | None = None, processes: int = 1,
                  refusal: str = "config refused", with_udp: bool = True,
-                 routes: tuple[str, ...] = TCP_ROUTES, source: Path = REPO) -> None:
+                 routes: tuple[str, ...] = TCP_ROUTES, source: Path = REPO,
+                 udp_fields: dict[str, Any] | None = None) -> None:
         self.name = name
         self.source = source
         self.route_fields = route_fields or {}
+        self.udp_fields = udp_fields or {}
         self.top_level = top_level or {}
         self.processes = processes
         self.refusal = refusal
@@ -165,7 +168,7 @@ class StreamRelay(Relay):
         }
         if udp is not None:
             routes["udp"] = {"scheme": "udp4", "bind": LOOPBACK, "host": LOOPBACK,
-                             "port": f"{udp}:{context.targets.udp}"}
+                             "port": f"{udp}:{context.targets.udp}", **self.udp_fields}
         return {"shutdown_timeout": "1s", **self.top_level, "routes": routes}
 
     def start(self, context: Context) -> Running:
@@ -346,6 +349,8 @@ def all_relays() -> list[Relay]:
         Direct(),
         StreamRelay("streamrelay"),
         StreamRelay("streamrelay-status", top_level={"status": {"listen": f"{LOOPBACK}:0"}}),
+        StreamRelay("streamrelay-udp-proxy", udp_fields={"udp_proxy_protocol": True},
+                    refusal="no udp_proxy_protocol field"),
         StreamRelay("streamrelay-nosplice", route_fields={"splice": False},
                     refusal="no splice field (the default path is the only one)", with_udp=False),
         StreamRelay("streamrelay-splice", route_fields={"splice": True},
