@@ -49,7 +49,11 @@ class UDPEcho:
             except TimeoutError:
                 continue
             self.received.append((sender[:2], data))
-            self.sock.sendto(data, sender)
+            self.answer(data, sender)
+
+    def answer(self, data: bytes, sender: tuple) -> None:
+        """Echo C{data}; subclasses answer otherwise."""
+        self.sock.sendto(data, sender)
 
     def close(self) -> None:
         self.running = False

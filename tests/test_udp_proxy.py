@@ -61,20 +61,14 @@ class HeaderTarget(UDPEcho):
         self.errors: list[bytes] = []
         super().__init__()
 
-    def _serve(self) -> None:
-        while self.running:
-            try:
-                data, sender = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            self.received.append((sender[:2], data))
-            try:
-                header = decode(data)
-            except (AssertionError, struct.error, ValueError):
-                self.errors.append(data)
-                continue
-            self.headers.append(header)
-            self.sock.sendto(header[3], sender)
+    def answer(self, data: bytes, sender: tuple) -> None:
+        try:
+            header = decode(data)
+        except (AssertionError, struct.error, ValueError):
+            self.errors.append(data)
+            return
+        self.headers.append(header)
+        self.sock.sendto(header[3], sender)
 
 
 def client_socket(source: str = "127.0.0.1") -> socket.socket:
