@@ -137,6 +137,9 @@ def run_relay(relay: Relay, workloads: list[Workload], context: Context, env: En
                 if not running.udp_skipped:
                     results.note(relay.name, workload.name, "skipped", relay.tcp_only_reason)
                 continue
+            if relay.only_workloads is not None and workload.name not in relay.only_workloads:
+                results.note(relay.name, workload.name, "skipped", relay.only_reason)
+                continue
             try:
                 running = run_workload(relay, workload, running, context, env, results)
             except (RuntimeError, ValueError, KeyError, subprocess.SubprocessError, Skipped) as e:
@@ -196,7 +199,7 @@ def run_acl(context: Context, env: Environment, results: Results) -> None:
         results.meta.setdefault("streamrelay_sources", {})[f"acl, {variant}"] = relay.sources
         try:
             for _ in range(env.settings.runs):
-                figures = connections_per_second(env, running, running.tcp["reply"])
+                figures = connections_per_second(env, running)
                 results.add(ACL, "streamrelay", {variant: figures})
         finally:
             running.stop()

@@ -24,6 +24,11 @@
  *       SOURCES connected UDP sockets take turns sending 64-byte datagrams,
  *       with at most WINDOW awaiting their echo at once; a datagram whose
  *       echo has not come after TIMEOUT_MS is counted lost.
+ *
+ *   --prefix FILE, before cps or open: every connection first sends FILE's
+ *   contents (an encrypted-target gateway's line) with its request, and
+ *   expects the gateway's answer "200\n" before the reply; a reply that is
+ *   short or answers anything else counts as a short reply.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -44,6 +49,13 @@
 #define REQUEST_SIZE 100
 #define DATAGRAM_SIZE 64
 #define MAX_EVENTS 512
+
+/* What a client sends before its request, and the answer it then expects
+ * first (--prefix); both empty by default. */
+static char *prefix = "";
+static size_t prefix_length = 0;
+static const char *answer = "";
+static size_t answer_length = 0;
 
 static double now(void) {
     struct timespec ts;
@@ -236,6 +248,37 @@ static void finish(Connection *c) {
     c->state = DONE;
 }
 
+/* Load --prefix FILE: the gateway line sent first, and the answer expected. */
+static void load_prefix(const char *path) {
+    FILE *file = fopen(path, "rb");
+    if (file == NULL) die(path);
+    prefix = malloc(4096);
+    prefix_length = fread(prefix, 1, 4096, file);
+    fclose(file);
+    if (prefix_length == 0 || prefix_length == 4096) {
+        fprintf(stderr, "%s: expected a line of under 4096 bytes\n", path);
+        exit(2);
+    }
+    answer = "200\n";
+    answer_length = strlen(answer);
+}
+
+/* The prefix, then length bytes of body: what each connection sends. */
+static char *with_prefix(const char *body, size_t length) {
+    char *message = malloc(prefix_length + length);
+    memcpy(message, prefix, prefix_length);
+    memcpy(message + prefix_length, body, length);
+    return message;
+}
+
+/* Whether n bytes read after the first received ones agree with the answer
+ * expected at the start of the reply. */
+static int answer_agrees(int received, const char *data, ssize_t n) {
+    for (ssize_t i = 0; i < n && (size_t)received + i < answer_length; i++)
+        if (data[i] != answer[received + i]) return 0;
+    return 1;
+}
+
 static void print_errors(const Errors *e) {
     printf("\"ok\": %ld, \"errors\": %ld, \"refused\": %ld, \"reset\": %ld, \"timeout\": %ld, "
            "\"short_reply\": %ld, \"other\": %ld",
@@ -243,12 +286,11 @@ static void print_errors(const Errors *e) {
 }
 
 /* Handle an event on a short-request connection; returns 1 when it ended. */
-static int cps_event(Connection *c, Errors *errors) {
-    static char request[REQUEST_SIZE];
+static int cps_event(Connection *c, Errors *errors, const char *request) {
+    ssize_t request_length = prefix_length + REQUEST_SIZE;
     char buffer[REQUEST_SIZE * 2];
     if (c->state == CONNECTING) {
-        request[0] = 'Q';
-        if (write(c->fd, request, sizeof request) != sizeof request) {
+        if (write(c->fd, request, request_length) != request_length) {
             if (errno == EAGAIN) return 0; /* not connected yet */
             count_error(errors, errno);
             finish(c);
@@ -259,16 +301,20 @@ static int cps_event(Connection *c, Errors *errors) {
     for (;;) {
         ssize_t n = read(c->fd, buffer, sizeof buffer);
         if (n > 0) {
+            if (!answer_agrees(c->received, buffer, n)) break;
             c->received += n;
             continue;
         }
         if (n < 0 && errno == EAGAIN) return 0;
         if (n < 0) count_error(errors, errno);
-        else if (c->received != REQUEST_SIZE) errors->short_reply++;
+        else if (c->received != (int)answer_length + REQUEST_SIZE) errors->short_reply++;
         else errors->ok++;
         finish(c);
         return 1;
     }
+    errors->short_reply++; /* not the answer expected */
+    finish(c);
+    return 1;
 }
 
 static int run_cps(const char *host, int port, long count, int concurrency, int timeout_ms) {
@@ -279,6 +325,8 @@ static int run_cps(const char *host, int port, long count, int concurrency, int 
     long started = 0, ended = 0;
     double timeout = timeout_ms / 1000.0, begin = now();
     double give_up = begin + timeout + count * 0.01; /* at least 100 per second */
+    char body[REQUEST_SIZE] = {'Q'};
+    char *request = with_prefix(body, sizeof body);
     for (int i = 0; i < concurrency; i++) slots[i].state = IDLE;
     struct epoll_event events[MAX_EVENTS];
     while (ended < count && now() < give_up) {
@@ -293,7 +341,7 @@ static int run_cps(const char *host, int port, long count, int concurrency, int 
         }
         int ready = epoll_wait(epoll, events, MAX_EVENTS, 10);
         for (int i = 0; i < ready; i++)
-            ended += cps_event(events[i].data.ptr, &errors);
+            ended += cps_event(events[i].data.ptr, &errors, request);
         double t = now();
         for (int i = 0; i < concurrency; i++) {
             Connection *c = &slots[i];
@@ -312,6 +360,7 @@ static int run_cps(const char *host, int port, long count, int concurrency, int 
         }
     errors.timeout += count - started;
     free(slots);
+    free(request);
     printf("{\"connections\": %ld, \"seconds\": %.6f, \"per_second\": %.1f, ", count, seconds,
            errors.ok / seconds);
     print_errors(&errors);
@@ -320,10 +369,11 @@ static int run_cps(const char *host, int port, long count, int concurrency, int 
 }
 
 /* Handle an event on a held connection being set up; returns 1 once settled. */
-static int open_event(int epoll, Connection *c, Errors *errors) {
+static int open_event(int epoll, Connection *c, Errors *errors, const char *request) {
+    ssize_t request_length = prefix_length + 1;
     char buffer[16];
     if (c->state == CONNECTING) {
-        if (write(c->fd, "H", 1) != 1) {
+        if (write(c->fd, request, request_length) != request_length) {
             if (errno == EAGAIN) return 0; /* not connected yet */
             count_error(errors, errno);
             finish(c);
@@ -331,14 +381,19 @@ static int open_event(int epoll, Connection *c, Errors *errors) {
         }
         c->state = WAITING;
     }
-    ssize_t n = read(c->fd, buffer, sizeof buffer);
-    if (n < 0 && errno == EAGAIN) return 0;
-    if (n == 1 && buffer[0] == 'H') {
-        errors->ok++;
-        epoll_ctl(epoll, EPOLL_CTL_DEL, c->fd, NULL);
-        c->state = DONE; /* open and idle; closed at exit */
-        return 1;
+    ssize_t n;
+    while ((n = read(c->fd, buffer, sizeof buffer)) > 0 && answer_agrees(c->received, buffer, n)) {
+        c->received += n;
+        if ((size_t)c->received <= answer_length) continue; /* the answer so far; the echo comes next */
+        if ((size_t)c->received == answer_length + 1 && buffer[n - 1] == 'H') {
+            errors->ok++;
+            epoll_ctl(epoll, EPOLL_CTL_DEL, c->fd, NULL);
+            c->state = DONE; /* open and idle; closed at exit */
+            return 1;
+        }
+        break;
     }
+    if (n < 0 && errno == EAGAIN) return 0;
     if (n < 0) count_error(errors, errno);
     else errors->short_reply++;
     finish(c);
@@ -352,6 +407,7 @@ static int run_open(const char *host, int port, long count, int concurrency, int
     Errors errors = {0};
     long started = 0, settled = 0;
     double timeout = timeout_ms / 1000.0, begin = now(), give_up = begin + timeout * 3;
+    char *request = with_prefix("H", 1);
     struct epoll_event events[MAX_EVENTS];
     while (settled < count && now() < give_up) {
         while (started < count && started - settled < concurrency) {
@@ -363,7 +419,7 @@ static int run_open(const char *host, int port, long count, int concurrency, int
             started++;
         }
         int ready = epoll_wait(epoll, events, MAX_EVENTS, 10);
-        for (int i = 0; i < ready; i++) settled += open_event(epoll, events[i].data.ptr, &errors);
+        for (int i = 0; i < ready; i++) settled += open_event(epoll, events[i].data.ptr, &errors, request);
         double t = now();
         for (long i = 0; i < started; i++) {
             Connection *c = &connections[i];
@@ -386,6 +442,7 @@ static int run_open(const char *host, int port, long count, int concurrency, int
     for (long i = 0; i < count; i++)
         if (connections[i].fd >= 0 && connections[i].state != IDLE) close(connections[i].fd);
     free(connections);
+    free(request);
     return 0;
 }
 
@@ -479,6 +536,12 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     raise_fd_limit();
     setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc >= 4 && strcmp(argv[1], "--prefix") == 0 &&
+        (strcmp(argv[3], "cps") == 0 || strcmp(argv[3], "open") == 0)) {
+        load_prefix(argv[2]);
+        argc -= 2;
+        argv += 2;
+    }
     if (argc == 3 && strcmp(argv[1], "tcp-target") == 0) tcp_target(atoi(argv[2]));
     if (argc == 3 && strcmp(argv[1], "udp-echo") == 0) udp_echo(atoi(argv[2]));
     if (argc == 7 && strcmp(argv[1], "cps") == 0)
@@ -490,7 +553,7 @@ int main(int argc, char **argv) {
                             atoi(argv[7]));
     fprintf(stderr,
             "usage: loadgen tcp-target PORT | udp-echo PORT\n"
-            "       loadgen cps|open HOST PORT COUNT CONCURRENCY TIMEOUT_MS\n"
+            "       loadgen [--prefix FILE] cps|open HOST PORT COUNT CONCURRENCY TIMEOUT_MS\n"
             "       loadgen udp-load HOST PORT SOURCES SECONDS WINDOW TIMEOUT_MS\n");
     return 2;
 }

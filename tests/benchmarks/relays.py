@@ -8,13 +8,16 @@ process: its "ports" are the targets' own.
 
 A relay that cannot run here (a tool missing, a config field not
 implemented yet) raises L{Skipped}; the benchmark prints the reason and goes
-on with the others.
+on with the others.  A relay whose C{only_workloads} leaves a workload out
+is skipped for it, with C{only_reason}.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
+import subprocess
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -63,6 +66,8 @@ class Running:
     processes: list[Process] = field(default_factory=list)
     #: Why UDP is not relayed, when C{udp} is None.
     udp_skipped: str = ""
+    #: Per TCP route, a file holding what a client sends first (a gateway's line).
+    prefixes: dict[str, Path] = field(default_factory=dict)
 
     @property
     def pids(self) -> list[int]:
@@ -98,6 +103,9 @@ class Relay(ABC):
     relays_udp: bool = False
     #: Why not, when it does not.
     tcp_only_reason: str = "relays TCP only"
+    #: The workloads it can take (None: all), and why not the others.
+    only_workloads: tuple[str, ...] | None = None
+    only_reason: str = ""
 
     @abstractmethod
     def start(self, context: Context) -> Running:
@@ -135,7 +143,11 @@ class StreamRelay(Relay):
 
     C{route_fields} are added to every TCP route (C{splice}, C{reuse_port}),
     C{udp_fields} to the UDP route (C{udp_proxy_protocol});
-    C{top_level} to the file (C{acl}); C{processes} copies share the ports
+    C{top_level} to the file (C{acl}); with C{gateway}, the TCP routes are
+    encrypted-target gateways (that block's fields besides the secret, in a
+    file of the work directory, and C{allow_targets}, the route's target
+    alone), and L{Running.prefixes} holds each route's line, made by
+    C{streamrelay gateway-encrypt}; C{processes} copies share the ports
     (needs C{reuse_port}), one on each CPU in turn: the second shares the
     load generator's CPU, as it would share a 2-core machine with anything.  A refused config raises L{Skipped} with
     C{refusal} and the relay's message.  C{source} is the checkout whose
@@ -146,7 +158,8 @@ class StreamRelay(Relay):
                  top_level: dict[str, Any] | None = None, processes: int = 1,
                  refusal: str = "config refused", with_udp: bool = True,
                  routes: tuple[str, ...] = TCP_ROUTES, source: Path = REPO,
-                 udp_fields: dict[str, Any] | None = None) -> None:
+                 udp_fields: dict[str, Any] | None = None, gateway: dict[str, Any] | None = None,
+                 only_workloads: tuple[str, ...] | None = None, only_reason: str = "") -> None:
         self.name = name
         self.source = source
         self.route_fields = route_fields or {}
@@ -157,13 +170,16 @@ class StreamRelay(Relay):
         self.relays_udp = with_udp
         self.tcp_only_reason = "TCP routes only in this variant"
         self.routes = routes
+        self.gateway = gateway
+        self.only_workloads = only_workloads
+        self.only_reason = only_reason
         #: L{source_digest} at each start, in order.
         self.sources: list[str] = []
 
     def config(self, context: Context, tcp: dict[str, int], udp: int | None) -> dict[str, Any]:
         routes: dict[str, Any] = {
-            name: {"scheme": "tcp4", "bind": LOOPBACK, "host": LOOPBACK,
-                   "port": f"{port}:{context.targets.tcp[name]}", **self.route_fields}
+            name: {"scheme": "tcp4", "bind": LOOPBACK, **self._target(context, port, context.targets.tcp[name]),
+                   **self.route_fields}
             for name, port in tcp.items()
         }
         if udp is not None:
@@ -186,10 +202,47 @@ class StreamRelay(Relay):
             running.udp_skipped = f"UDP route refused: {with_udp}"
             return running
 
+    def _target(self, context: Context, port: int, target: int) -> dict[str, Any]:
+        """A TCP route's fields naming its target: a gateway route lets its clients name it."""
+        if self.gateway is None:
+            return {"host": LOOPBACK, "port": f"{port}:{target}"}
+        return {"port": port, "gateway": {"secret_file": str(self._secret_file(context)),
+                                          "allow_targets": [f"{LOOPBACK}:{target}"], **self.gateway}}
+
+    def _secret_file(self, context: Context) -> Path:
+        """The gateway's secret, random, written once per run."""
+        path = context.workdir / f"{self.name}.secret"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32))
+        return path
+
+    def _python_path(self) -> dict[str, str]:
+        return {"PYTHONPATH": os.pathsep.join(filter(None, [str(self.source), os.environ.get("PYTHONPATH")]))}
+
+    def _gateway_lines(self, context: Context, tcp: dict[str, int]) -> dict[str, Path]:
+        """Each gateway route's line, from C{python -m streamrelay gateway-encrypt}."""
+        if self.gateway is None:
+            return {}
+        options = [f"--{key}={self.gateway[key]}" for key in ("format", "kdf", "iterations") if key in self.gateway]
+        lines = {}
+        for name in tcp:
+            completed = subprocess.run(
+                [sys.executable, "-m", "streamrelay", "gateway-encrypt", "--secret-file",
+                 str(self._secret_file(context)), *options, f"{LOOPBACK}:{context.targets.tcp[name]}"],
+                capture_output=True, text=True, timeout=30, check=False,
+                env={**os.environ, **self._python_path()},
+            )
+            if completed.returncode != 0 or not completed.stdout.strip():
+                raise Skipped(f"gateway-encrypt failed: {completed.stderr.strip()[-300:]}")
+            lines[name] = context.workdir / f"{self.name}-{name}.line"
+            lines[name].write_text(completed.stdout.strip() + "\n")
+        return lines
+
     def _launch(self, context: Context, tcp: dict[str, int], udp: int | None) -> Running:
         self.sources.append(source_digest(self.source))
         path = context.workdir / f"{self.name}.yml"
         path.write_text(yaml.safe_dump(self.config(context, tcp, udp), sort_keys=False))
+        prefixes = self._gateway_lines(context, tcp)
         twistd = str(Path(sys.executable).parent / "twistd")
         processes: list[Process] = []
         routes = len(tcp) + (udp is not None)
@@ -199,7 +252,7 @@ class StreamRelay(Relay):
                 [twistd, "-n", "--pidfile=", "--logger=streamrelay.events.text_observer",
                  "streamrelay", "--config", str(path)],
                 (context.cpus.relay, context.cpus.load)[index % 2], context.workdir,
-                env={"PYTHONPATH": os.pathsep.join(filter(None, [str(self.source), os.environ.get("PYTHONPATH")]))},
+                env=self._python_path(),
             )
             processes.append(process)
             try:
@@ -208,7 +261,7 @@ class StreamRelay(Relay):
                 for started in processes:
                     started.stop()
                 raise Skipped(f"{self.refusal}: {e}") from None
-        return Running(tcp, udp, processes)
+        return Running(tcp, udp, processes, prefixes=prefixes)
 
 
 def source_digest(source: Path = REPO) -> str:
@@ -351,6 +404,10 @@ def all_relays() -> list[Relay]:
         StreamRelay("streamrelay-status", top_level={"status": {"listen": f"{LOOPBACK}:0"}}),
         StreamRelay("streamrelay-udp-proxy", udp_fields={"udp_proxy_protocol": True},
                     refusal="no udp_proxy_protocol field"),
+        StreamRelay("streamrelay-gateway", gateway={}, routes=("reply",), with_udp=False,
+                    only_workloads=("cps", "burst", "idle"),
+                    only_reason="its clients send a line first, which only loadgen does (cps, burst, idle)",
+                    refusal="no gateway routes"),
         StreamRelay("streamrelay-nosplice", route_fields={"splice": False},
                     refusal="no splice field (the default path is the only one)", with_udp=False),
         StreamRelay("streamrelay-splice", route_fields={"splice": True},

@@ -125,6 +125,12 @@ def _loadgen_json(env: Environment, *args: object, timeout: float) -> dict:
     return json.loads(output.splitlines()[-1])
 
 
+def _client(relay: Running, mode: str, route: str = "reply") -> list[str]:
+    """loadgen's arguments up to C{mode}: a gateway route's clients send its line first."""
+    prefix = relay.prefixes.get(route)
+    return ["--prefix", str(prefix), mode] if prefix else [mode]
+
+
 class Bulk(Workload):
     name = "bulk"
     title = "bulk throughput (iperf3)"
@@ -173,15 +179,15 @@ class ShortConnections(Workload):
                 f" close), {settings.cps_concurrency} at a time")
 
     def measure(self, env: Environment, relay: Running) -> Figures:
-        return {"100 B": connections_per_second(env, relay, relay.tcp["reply"])}
+        return {"100 B": connections_per_second(env, relay)}
 
 
-def connections_per_second(env: Environment, relay: Running, port: int) -> dict[str, float]:
-    """The short-connection figures through C{port} (also used by the ACL benchmark)."""
+def connections_per_second(env: Environment, relay: Running) -> dict[str, float]:
+    """The short-connection figures through the C{reply} route (also used by the ACL benchmark)."""
     settings = env.settings
     result, cpu, wall = _cpu_around(relay, lambda: _loadgen_json(
-        env, "cps", LOOPBACK, port, settings.cps_connections, settings.cps_concurrency,
-        settings.connect_timeout_ms,
+        env, *_client(relay, "cps"), LOOPBACK, relay.tcp["reply"], settings.cps_connections,
+        settings.cps_concurrency, settings.connect_timeout_ms,
         timeout=settings.cps_connections * 0.01 + 60))
     return {
         "per_s": result["per_second"],
@@ -201,7 +207,7 @@ class Burst(Workload):
 
     def measure(self, env: Environment, relay: Running) -> Figures:
         clients = env.settings.burst_clients
-        result = _loadgen_json(env, "open", LOOPBACK, relay.tcp["reply"], clients, clients,
+        result = _loadgen_json(env, *_client(relay, "open"), LOOPBACK, relay.tcp["reply"], clients, clients,
                                env.settings.connect_timeout_ms, timeout=90)
         time.sleep(0.2)  # let the relay finish closing them
         return {f"{clients} clients": {"seconds": result["seconds"], "errors": result["errors"]}}
@@ -253,7 +259,8 @@ class IdlePairs(Workload):
         settings = env.settings
         before = relay.memory_bytes()
         holder = subprocess.Popen(
-            ["taskset", "-c", str(env.cpu), str(env.loadgen), "open", LOOPBACK, str(relay.tcp["reply"]),
+            ["taskset", "-c", str(env.cpu), str(env.loadgen), *_client(relay, "open"), LOOPBACK,
+             str(relay.tcp["reply"]),
              str(settings.idle_pairs), str(settings.idle_concurrency), str(settings.connect_timeout_ms)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
