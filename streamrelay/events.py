@@ -59,7 +59,7 @@ FORMATS = {
     "accept": "route {route}: #{conn} accepted {client}",
     "connected": "route {route}: #{conn} {client} connected to {dst} from {via}",
     "spliced": "route {route}: #{conn} {client} spliced",
-    "dial-failed": "route {route}: #{conn} {client} could not reach {dst}: {reason}",
+    "dial-failed": "route {route}: #{conn} {client} could not reach {target}: {reason}",
     "closed": (
         "route {route}: #{conn} {client} closed ({reason}) after {duration:.3f}s,"
         " {bytes_up} bytes up, {bytes_down} bytes down"

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import events, splice
-from .addresses import HOLD_LIMIT, RUN_ID, describe
+from .addresses import HOLD_LIMIT, RUN_ID, describe, join_host_port
 from .config import RouteConfig
 from .dial import Dial, is_ip_literal, resolve
 from .events import RefusalLog, RouteEvents
@@ -401,7 +401,10 @@ class Pair:
         if self.factory.gateway is not None:
             self.client.transport.write(answer(DIAL_TIMEOUT if kind == "timeout" else DIAL_FAILED))
         self.factory.stats.dial_failures[kind] += 1
-        self.factory.events.warn("dial-failed", conn=self.id, client=self.peer, reason=message)
+        self.factory.events.warn(
+            "dial-failed", conn=self.id, client=self.peer, reason=message,
+            target=join_host_port(self.target_host, self.target_port),
+        )
         self.path.close(self.client)
 
     def relay(self, target: Side, detail: None) -> None:

@@ -168,6 +168,8 @@ def test_refused_target_answered_502(gateway) -> None:
         closed.bind(("127.0.0.1", 0))
         free_port = closed.getsockname()[1]
     assert answer_and_close(relay.ports["sha256"], openssl_line(f"127.0.0.1:{free_port}") + b"\n") == b"502\n"
+    failed = relay.wait_for("dial-failed", route="sha256", target=f"127.0.0.1:{free_port}")
+    assert "could not reach 127.0.0.1:" in failed[0]["text"]
 
 
 def test_black_holed_target_answered_504(gateway) -> None:
