@@ -267,7 +267,7 @@ class RouteService(_ListeningService):
         return self.factory.hooks
 
     def pairs(self) -> list[Pair]:
-        """Every open pair, whichever generation it began in."""
+        """Every open pair, whichever generation it began in, oldest first."""
         return [pair for factory, _ in self.generations for pair in factory.pairs]
 
     def configure(self, route: RouteConfig, hooks: Hooks, events: RouteEvents) -> None:

@@ -13,14 +13,12 @@ still answers quickly.
 
 from __future__ import annotations
 
-import heapq
 import html
 import json
 import os
 import time
 from collections.abc import Collection, Iterable, Iterator
 from itertools import islice
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Union
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -179,9 +177,9 @@ def route_snapshot(route: AnyRoute, now: float, limit: int) -> dict[str, Any]:
             proxy_protocol=config.proxy_protocol.mode,
             relay_proxy_protocol_header=config.relay_proxy_protocol_header,
         )
-        pairs = live_pairs(route)  # unordered: 30 ms to pick the oldest of 100,000
+        pairs = live_pairs(route)  # oldest first: generations in order, each in accept order
         active = len(pairs)
-        connections = [pair_snapshot(pair, now) for pair in heapq.nsmallest(limit, pairs, attrgetter("id"))]
+        connections = [pair_snapshot(pair, now) for pair in islice(pairs, limit)]
     else:
         settings.update(max_udp_sessions=config.max_udp_sessions, udp_idle_timeout=config.udp_idle_timeout)
         sessions = route.relay.sessions  # a dict: oldest first already
@@ -195,7 +193,7 @@ def route_snapshot(route: AnyRoute, now: float, limit: int) -> dict[str, Any]:
 
 
 def live_pairs(route: service.RouteService) -> Collection[Pair]:
-    """A TCP route's open pairs, of every generation (older ones live on after a reload)."""
+    """A TCP route's open pairs, oldest first, of every generation (older ones live on after a reload)."""
     return route.pairs()
 
 

@@ -549,7 +549,8 @@ class RelayFactory(ServerFactory):
         self.connect_timeout = route.gateway.timeout if route.gateway else route.connect_timeout
         self.retries = route.gateway.retry - 1 if route.gateway else route.retries
         self.watch: HangupWatch = watch_for(reactor)
-        self.pairs: set[Pair] = set()
+        #: Open pairs, oldest first (a dict keeps the order; the values mean nothing).
+        self.pairs: dict[Pair, None] = {}
         #: Open pairs per real client host, for C{max_connections_per_client}.
         self.per_client: dict[str, int] = {} if per_client is None else per_client
         #: Called whenever the number of open pairs changes (connection limits).
@@ -557,7 +558,7 @@ class RelayFactory(ServerFactory):
 
     def buildProtocol(self, addr: IAddress | None) -> Side:
         pair = Pair(self)
-        self.pairs.add(pair)
+        self.pairs[pair] = None
         self.changed()
         return pair.client
 
@@ -574,7 +575,7 @@ class RelayFactory(ServerFactory):
         return True
 
     def pair_closed(self, pair: Pair) -> None:
-        self.pairs.discard(pair)
+        self.pairs.pop(pair, None)
         if pair.counted_client:
             count = self.per_client.pop(pair.client_host) - 1
             if count:

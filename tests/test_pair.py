@@ -277,7 +277,7 @@ def test_a_normal_exchange_is_logged_with_its_reason_and_byte_counts() -> None:
     assert (closed["bytes_up"], closed["bytes_down"]) == (12, 15)
     assert closed["duration"] == 3.0
     assert (closed["conn"], closed["client"], closed["unique_id"]) == (pair.id, "192.0.2.10:40000", None)
-    assert pair.done.called and rig.factory.pairs == set()
+    assert pair.done.called and rig.factory.pairs == {}
 
 
 def test_the_unique_id_of_the_header_is_logged() -> None:
@@ -410,7 +410,7 @@ def test_a_pending_hook_is_cancelled(kind: str, end: str) -> None:
     assert pair.pending is None
     assert (seen, cancelled) == ((["cancelled inside"], []) if kind == "coroutine" else ([], [checking]))
     assert state(pair) is State.CLOSED
-    assert pair.done.called and rig.factory.pairs == set()
+    assert pair.done.called and rig.factory.pairs == {}
     assert rig.reactor.tcpClients == []
     assert rig.refusals.counts == {}  # a cancelled hook is no refusal
     assert [c["reason"] for c in rig.closed()] == ["client closed" if end == "client left" else "dial failed"]
@@ -660,7 +660,7 @@ def test_an_acl_denial_is_counted_and_the_client_reset() -> None:
     assert rig.refusals.counts == {"denied": 2}
     [denied] = rig.events.actions("denied")  # the second is throttled, but counted
     assert (denied["rule"], denied["client"], denied["suppressed"]) == ("default deny", "198.51.100.7:1234", 0)
-    assert rig.closed() == [] and rig.reactor.tcpClients == [] and rig.factory.pairs == set()
+    assert rig.closed() == [] and rig.reactor.tcpClients == [] and rig.factory.pairs == {}
     pair, _, _ = rig.accept(IPv4Address("TCP", "203.0.113.9", 1))
     assert state(pair) is State.DIALING
 
