@@ -22,6 +22,7 @@ import yaml
 from .acl import AccessList, AclError
 from .addresses import join_host_port, unmapped
 from .gateway import GatewayConfig, TargetRule, parse_target_rule
+from .ratelimit import Rate, RateLimit
 
 __all__ = [
     "Config", "ConfigError", "ProxyMode", "RouteConfig", "RouteLoader", "RouteProtocol", "Scheme",
@@ -290,6 +291,44 @@ def _choice(*allowed: _T) -> Callable[[object], _T]:
     return parse
 
 
+_RATE = re.compile(r"([1-9][0-9]{0,8})/([smh])")
+_RATE_LIMIT_FIELDS = ("per_client", "burst", "per_route")
+
+
+def parse_rate(value: object) -> Rate:
+    """C{20/s}, C{600/m}, C{1/h}: connections (or new UDP sessions) per second, minute or hour."""
+    match = _RATE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise _Invalid("a rate such as 20/s, 600/m or 1/h")
+    return Rate(int(match.group(1)), match.group(2))
+
+
+def parse_rate_limit(value: object) -> RateLimit:
+    """
+    C{{per_client: 20/s, burst: 40, per_route: 2000/s}}, at least one rate;
+    C{burst} (with C{per_client} only) defaults to one second of it.
+    """
+    if not isinstance(value, dict) or not {"per_client", "per_route"} & value.keys():
+        raise _Invalid("a mapping with per_client and/or per_route (and burst), e.g. {per_client: 20/s, burst: 40}")
+    for key in value:
+        if key not in _RATE_LIMIT_FIELDS:
+            raise _Invalid(f"only {', '.join(_RATE_LIMIT_FIELDS)} (not {key!r})")
+
+    def part(key: str, parse: Callable[[object], _T]) -> _T:
+        try:
+            return parse(value[key])
+        except _Invalid as e:
+            raise _Invalid(f"{key} as {e}") from None
+
+    rates = {key: part(key, parse_rate) for key in ("per_client", "per_route") if key in value}
+    client = rates.get("per_client")
+    if "burst" not in value:
+        return RateLimit(burst=client.one_second if client else 1, **rates)
+    if client is None:
+        raise _Invalid("burst only together with per_client")
+    return RateLimit(burst=part("burst", _integer(1, 10_000_000)), **rates)
+
+
 # ------------------------------------------------------------------ objects
 
 
@@ -344,6 +383,8 @@ class RouteConfig:
     acl: AccessList = AccessList.allow_all()
     max_connections: int = 0
     max_connections_per_client: int = 0
+    #: Connection (UDP: new session) rates per client and per route; None: unlimited.
+    rate_limit: RateLimit | None = None
     splice: SpliceSetting = "auto"
     reuse_port: bool = False
     udp_idle_timeout: float = 300.0
@@ -440,6 +481,7 @@ TUNABLES: Mapping[str, _Tunable] = {
     "proxy_protocol_unique_id": _Tunable(_boolean),
     "max_connections": _Tunable(_integer(0, 10_000_000), _TCP),
     "max_connections_per_client": _Tunable(_integer(0, 10_000_000), _TCP),
+    "rate_limit": _Tunable(parse_rate_limit),
     "splice": _Tunable(_splice, _TCP),
     "udp_idle_timeout": _Tunable(_positive_duration, _UDP),
     "udp_cleanup_interval": _Tunable(_positive_duration, _UDP),

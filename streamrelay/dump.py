@@ -18,6 +18,7 @@ import yaml
 from .acl import AccessList
 from .config import TUNABLES, Config, ProxyProtocolConfig, RouteConfig, RouteLoader, parse_duration
 from .gateway import GatewayConfig
+from .ratelimit import RateLimit
 
 __all__ = ["describe", "dump", "report"]
 
@@ -50,6 +51,8 @@ def describe(route: RouteConfig) -> str:
         notes.append("acl " + " ".join(stages))
     limits = ("max_connections", "max_connections_per_client") if route.protocol == "tcp" else ("max_udp_sessions",)
     notes.extend(f"{limit} {getattr(route, limit)}" for limit in limits if getattr(route, limit))
+    if route.rate_limit is not None:
+        notes.append("rate_limit " + " ".join(f"{key} {value}" for key, value in _rate_limit(route.rate_limit).items()))
     if route.reuse_port:
         notes.append("reuse_port")
     if route.protocol == "tcp":
@@ -78,9 +81,10 @@ def _route(route: RouteConfig) -> dict[str, Any]:
     for key, tunable in TUNABLES.items():
         value = getattr(route, key)
         # dial_timeout 0 stands for its default, connect_timeout × (retries + 1),
-        # which the file can only express by leaving the field out.
-        if route.protocol in tunable.protocols and not (key == "dial_timeout" and not value):
-            fields[key] = _duration(value) if isinstance(value, float) else value
+        # and rate_limit None for no limit, which the file can only express by
+        # leaving the field out.
+        if route.protocol in tunable.protocols and not (key in ("dial_timeout", "rate_limit") and not value):
+            fields[key] = _field(value)
     fields["proxy_protocol"] = _proxy_protocol(route.proxy_protocol)
     fields["acl"] = _acl(route.acl)
     if route.gateway is not None:  # clients name the target: no host, the listening port alone
@@ -97,6 +101,23 @@ def _gateway(settings: GatewayConfig) -> dict[str, Any]:
         for key, value in vars(settings).items() if key != "secret" and value is not None
     }
     fields["allow_targets"] = [rule.text for rule in settings.allow_targets]
+    return fields
+
+
+def _field(value: object) -> object:
+    """A tunable's value as the route file writes it."""
+    if isinstance(value, float):
+        return _duration(value)
+    return _rate_limit(value) if isinstance(value, RateLimit) else value
+
+
+def _rate_limit(setting: RateLimit) -> dict[str, Any]:
+    """The rates as text (C{20/s}); C{burst} only beside C{per_client}."""
+    fields: dict[str, Any] = {}
+    if setting.per_client is not None:
+        fields.update(per_client=str(setting.per_client), burst=setting.burst)
+    if setting.per_route is not None:
+        fields["per_route"] = str(setting.per_route)
     return fields
 
 

@@ -90,6 +90,7 @@ FORMATS = {
     "status-start": "status endpoint listening on {listen}",
     "gateway": "route {route}: #{conn} answered {client} {status}: {reason} ({suppressed} more not logged)",
     "banned": "route {route}: #{conn} refused {client}: banned after repeated 401s ({suppressed} more not logged)",
+    "rate-limited": "route {route}: refused {client}: over the {limit} rate_limit ({suppressed} more not logged)",
     "status-stop": "status endpoint stopped listening on {listen}",
     "status-denied": "status endpoint: denied {client} by {rule} ({suppressed} more not logged)",
 }

@@ -50,6 +50,7 @@ from .hooks import NO_HOOKS, Hooks, hooks_for
 from .inbound import ProxyHeaderFactory
 from .interfaces import IRelayReactor
 from .lifecycle import Input
+from .ratelimit import RateLimiter
 from .stats import RouteStats
 from .status import StatusService
 from .tcp import Pair, RelayFactory, splicing
@@ -131,6 +132,8 @@ class _ListeningService(Service):
             self.stats = RouteStats()
         else:  # the route under another protocol or address: its counters go on
             self.refusals, self.stats = previous.refusals, previous.stats
+        #: The C{rate_limit} buckets, kept while the setting stays the same (L{limiter_for}).
+        self.limiter: RateLimiter | None = None if previous is None else previous.limiter
         self.port: IListeningPort | None = None
         #: Set when a reload removed the route: stopping then lets its connections finish.
         self.retired = False
@@ -203,6 +206,19 @@ class _ListeningService(Service):
         """What the C{stop} event adds."""
         return {}
 
+    def limiter_for(self, route: RouteConfig) -> RateLimiter | None:
+        """
+        The buckets for C{route}'s C{rate_limit}: those in force if the
+        setting is unchanged (a reload does not hand every client a fresh
+        burst), new ones if it changed, none without it.
+        """
+        setting = route.rate_limit
+        if setting is None:
+            self.limiter = None
+        elif self.limiter is None or self.limiter.setting != setting:
+            self.limiter = RateLimiter(setting, self.reactor.seconds)
+        return self.limiter
+
     def events_on_this_socket(self, route: RouteConfig) -> RouteEvents:
         """Events for C{route}'s new settings, on the address already bound."""
         new = RouteEvents(route)
@@ -273,6 +289,7 @@ class RouteService(_ListeningService):
     def configure(self, route: RouteConfig, hooks: Hooks, events: RouteEvents) -> None:
         """Start a generation with these settings; generations left without connections go."""
         factory = RelayFactory(route, events, self.refusals, self.reactor, hooks, self.stats, self.per_client)
+        factory.limiter = self.limiter_for(route)
         headers = None
         if route.proxy_protocol.mode != "disabled":
             headers = ProxyHeaderFactory(factory, route.proxy_protocol, events, self.refusals, self.reactor, self.stats)
@@ -396,6 +413,7 @@ class UDPRouteService(_ListeningService):
     ) -> None:
         super().__init__(route, reactor, previous)
         self.relay = DatagramRelay(route, self.events, self.refusals, reactor, hooks, self.stats)
+        self.relay.limiter = self.limiter_for(route)
 
     @property
     def hooks(self) -> Hooks:
@@ -421,6 +439,7 @@ class UDPRouteService(_ListeningService):
     def update(self, route: RouteConfig, hooks: Hooks) -> None:
         self.switch(route, self.events_on_this_socket(route))
         self.relay.configure(route, self.events, hooks)
+        self.relay.limiter = self.limiter_for(route)
 
     def startService(self) -> None:
         super().startService()

@@ -259,9 +259,9 @@ def address_text(address: IAddress) -> str:
 REFUSAL_KINDS = {
     "tcp": {
         "denied": "acl", "limited": "per-client", "rejected": "proxy-header", "refused": "hook",
-        "gateway": "gateway-line", "banned": "gateway-ban",
+        "gateway": "gateway-line", "banned": "gateway-ban", "rate-limited": "rate",
     },
-    "udp": {"denied": "acl", "limited": "limit", "refused": "hook"},
+    "udp": {"denied": "acl", "limited": "limit", "refused": "hook", "rate-limited": "rate"},
 }
 
 #: Per-route metric families: name (without C{streamrelay_}), help, whether a

@@ -39,6 +39,7 @@ from .interfaces import IRelayReactor, IRelayTransport
 from .lifecycle import DEADLINES, TRANSITIONS, Input, State
 from .paths import TRANSPORTS, RelayPath, SplicePath
 from .proxyproto import PP2_TYPE_UNIQUE_ID, build_v1, build_v2, unify_families
+from .ratelimit import RateLimiter
 from .stats import RouteStats, dial_failure_kind
 
 __all__ = ["Pair", "RelayFactory", "Side"]
@@ -275,6 +276,11 @@ class Pair:
         if factory.gateway is not None and factory.gateway.banned(self.client_host):
             self.feed(Input.REFUSED, detail=("banned", {}))
             return
+        if factory.limiter is not None:
+            over = factory.limiter.admit(self.client_host)
+            if over is not None:
+                self.feed(Input.REFUSED, detail=("rate-limited", {"limit": over}))
+                return
         if not factory.admit_client(self):
             self.feed(Input.REFUSED, detail=("limited", {"reason": "max_connections_per_client reached"}))
             return
@@ -530,6 +536,8 @@ class RelayFactory(ServerFactory):
     """
 
     noisy = False
+    #: The route's C{rate_limit} buckets, set by its service (shared with later generations).
+    limiter: RateLimiter | None = None
 
     def __init__(
         self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: IRelayReactor,

@@ -61,6 +61,7 @@ from .dial import resolve
 from .events import RefusalLog, RouteEvents
 from .hooks import NO_HOOKS, ConnectionContext, Hooks, OnRead, PreDial
 from .interfaces import IRelayReactor
+from .ratelimit import RateLimiter
 from .stats import RouteStats
 
 __all__ = ["MAX_DATAGRAM", "DatagramRelay", "ObservedSession", "Session"]
@@ -384,6 +385,8 @@ class DatagramRelay(DatagramProtocol):
     """
 
     noisy = False
+    #: The route's C{rate_limit} buckets for new sessions, set by its service.
+    limiter: RateLimiter | None = None
 
     def __init__(
         self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: IRelayReactor,
@@ -479,6 +482,11 @@ class DatagramRelay(DatagramProtocol):
             decision = route.acl.check(client[0])
             if not decision.allowed:
                 self.refusals.refuse("denied", client=join_host_port(*client), rule=decision.rule)
+                return
+        if self.limiter is not None:
+            over = self.limiter.admit(client[0])
+            if over is not None:
+                self.refusals.refuse("rate-limited", client=join_host_port(*client), limit=over)
                 return
         if len(self.sessions) >= route.max_udp_sessions:
             self.refusals.refuse(

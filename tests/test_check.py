@@ -62,6 +62,7 @@ EVERY_FIELD = """
         proxy_protocol_unique_id: true
         max_connections: 5
         max_connections_per_client: 2
+        rate_limit: {per_client: 20/s, burst: 40, per_route: 2000/s}
         splice: false
         reuse_port: false
         proxy_protocol: {mode: mixed, trusted_proxies: [127.0.0.1], timeout: 1s, detect_timeout: 100ms}
@@ -74,6 +75,7 @@ EVERY_FIELD = """
         port: "53:53"
         udp_cleanup_interval: 2s
         max_udp_sessions: 1048576
+        rate_limit: {per_client: 1/h}
         acl: {allow_local: false, deny: ["fc00::/7"]}
 """
 
@@ -81,7 +83,7 @@ EVERY_FIELD = """
 CONFIGS = {
     "every field": EVERY_FIELD,
     "defaults and overrides": """
-        defaults: {connect_timeout: 250ms, retries: 2, splice: true, max_udp_sessions: 9}
+        defaults: {connect_timeout: 250ms, retries: 2, splice: true, max_udp_sessions: 9, rate_limit: {per_route: 600/m}}
         entrypoint: {proxy_protocol: {mode: required, trusted_proxies: ["::/0", 0.0.0.0/0]}}
         routes:
           plain: {scheme: tcp, port: "22"}
@@ -154,10 +156,12 @@ def test_route_lines() -> None:
     config = parse_config(textwrap.dedent(EVERY_FIELD))
     assert [describe(route) for route in config.routes] == [
         "every: tcp4 127.0.0.1:1 -> example.net:65535 (proxy_protocol mixed, relay_proxy_protocol_header v1,"
-        " acl allow_local 1 deny default allow, max_connections 5, max_connections_per_client 2, splice false)",
+        " acl allow_local 1 deny default allow, max_connections 5, max_connections_per_client 2,"
+        " rate_limit per_client 20/s burst 40 per_route 2000/s, splice false)",
         "inherits: tcp6 [::1]:0 -> [2001:db8::1]:443 (proxy_protocol optional,"
         " acl 1 deny 4 allow default deny, max_connections 10, reuse_port, splice auto)",
-        "datagrams: udp [::]:53 -> [2001:db8::53]:53 (acl 1 deny default allow, max_udp_sessions 1048576, reuse_port)",
+        "datagrams: udp [::]:53 -> [2001:db8::53]:53 (acl 1 deny default allow, max_udp_sessions 1048576,"
+        " rate_limit per_client 1/h burst 1, reuse_port)",
     ]
 
 

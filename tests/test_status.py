@@ -177,7 +177,7 @@ def test_metrics_count_what_the_relay_did(busy: Busy) -> None:
     assert route_samples(samples, "echo", "tcp") == {
         t + "connections_accepted_total": 6,  # the denied one too
         t + "connections_closed_total": {"done": 3, "denied": 1},
-        t + "refused_total": {"acl": 1, "per-client": 0, "proxy-header": 0, "hook": 0, "gateway-line": 0, "gateway-ban": 0},
+        t + "refused_total": {"acl": 1, "per-client": 0, "proxy-header": 0, "hook": 0, "gateway-line": 0, "gateway-ban": 0, "rate": 0},
         t + "bytes_up_total": 320, t + "bytes_down_total": 320,  # the held pairs' bytes included
         t + "pairs_active": 2, t + "pairs_splicing": 0, t + "pairs_spliced_total": 0,
         t + "connections_awaiting_header": 0,
@@ -195,7 +195,7 @@ def test_metrics_count_what_the_relay_did(busy: Busy) -> None:
     assert spliced[t + "bytes_down_total"] == 20
     assert route_samples(samples, "dns", "udp") == {
         t + "udp_sessions_active": 1, t + "udp_sessions_opened_total": 1,
-        t + "refused_total": {"acl": 0, "limit": 0, "hook": 0},
+        t + "refused_total": {"acl": 0, "limit": 0, "hook": 0, "rate": 0},
         t + "bytes_up_total": 16, t + "bytes_down_total": 16,
         t + "datagrams_up_total": 2, t + "datagrams_down_total": 2, t + "datagrams_dropped_total": 0,
         t + "datagrams_oversized_total": 0,
