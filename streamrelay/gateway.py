@@ -244,7 +244,6 @@ class Gateway:
         #: Failing sources: their recent failure times, oldest first.
         self.failures: OrderedDict[str, list[float]] = OrderedDict()
         self.banned_until: dict[str, float] = {}
-        self.bans = 0  # sources banned so far
 
     def banned(self, host: str) -> bool:
         until = self.banned_until.get(host)
@@ -290,7 +289,6 @@ class Gateway:
         times.append(now)
         if len(times) >= settings.max_failures:
             self.banned_until[host] = now + settings.ban_time
-            self.bans += 1
             return True
         self.failures[host] = times
         if len(self.failures) > MAX_TRACKED_SOURCES:

@@ -34,7 +34,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 from .addresses import describe
 from .compat import swap_protocol
 from .config import ProxyProtocolConfig
-from .events import RefusalLog, RouteEvents
+from .events import RefusalLog
 from .proxyproto.exceptions import InvalidProxyHeader
 from .proxyproto.info import ProxyInfo
 from .proxyproto.parser import Detection, detect, parse
@@ -205,14 +205,12 @@ class ProxyHeaderFactory(ServerFactory):
         self,
         wrapped: IProtocolFactory,
         config: ProxyProtocolConfig,
-        events: RouteEvents,
         refusals: RefusalLog,
         reactor: IReactorTime,
         stats: RouteStats | None = None,
     ) -> None:
         self.wrapped = wrapped
         self.config = config
-        self.events = events
         self.refusals = refusals
         self.stats = stats or RouteStats()
         self.reactor = reactor

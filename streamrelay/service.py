@@ -274,11 +274,6 @@ class RouteService(_ListeningService):
         return self.generations[-1][0]
 
     @property
-    def header_factory(self) -> ProxyHeaderFactory | None:
-        """The newest generation's PROXY header factory, if the route reads headers."""
-        return self.generations[-1][1]
-
-    @property
     def hooks(self) -> Hooks:
         return self.factory.hooks
 
@@ -292,7 +287,7 @@ class RouteService(_ListeningService):
         factory.limiter = self.limiter_for(route)
         headers = None
         if route.proxy_protocol.mode != "disabled":
-            headers = ProxyHeaderFactory(factory, route.proxy_protocol, events, self.refusals, self.reactor, self.stats)
+            headers = ProxyHeaderFactory(factory, route.proxy_protocol, self.refusals, self.reactor, self.stats)
         self.generations = [
             (old, old_headers) for old, old_headers in self.generations
             if old.pairs or (old_headers is not None and old_headers.pending)

@@ -120,7 +120,7 @@ class InboundTestCase(SynchronousTestCase):
         config = ProxyProtocolConfig(
             mode, (ipaddress.ip_network(TRUSTED),), timeout=TIMEOUT, detect_timeout=DETECT_TIMEOUT
         )
-        return ProxyHeaderFactory(self.inner, config, RouteEvents(ROUTE), self.refusals, self.clock)
+        return ProxyHeaderFactory(self.inner, config, self.refusals, self.clock)
 
     def connect(self, mode: str, peer_host: str = TRUSTED) -> Connection:
         return Connection(self.header_factory(mode), peer_host)
