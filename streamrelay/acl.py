@@ -7,6 +7,11 @@ therefore stored per address family as one dict per (verdict, prefix length),
 keyed by the network number; a check costs one dict lookup per distinct prefix
 length present, whatever the number of rules.
 
+C{country:} and C{tz:} rules ask a MaxMind database (L{streamrelay.geoip})
+where the client is.  Each list's such rules form one more level after its
+address rules, so lists without them pay nothing, and a client is looked up
+only when it gets that far.
+
 Evaluation order follows GoDoxy: with C{allow_local} (the default), loopback
 and private addresses are admitted first, then deny rules are checked (deny
 beats allow), then allow rules, then C{default}.
@@ -15,9 +20,13 @@ beats allow), then allow rules, then C{default}.
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from dataclasses import dataclass, field
 from socket import AF_INET, AF_INET6, inet_pton
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Protocol
+
+from .geoip import GeoIPDatabase, GeoIPError, Location, open_database
 
 __all__ = ["AccessList", "AclError", "Decision"]
 
@@ -51,13 +60,32 @@ _LOCAL_NETWORKS = (
 _ALLOW_LOCAL = Decision(True, "allow_local")
 _GEOIP_TYPES = ("country", "tz")
 _RULE_TYPES = ("ip", "cidr")
-_KEYS = ("default", "allow_local", "allow", "deny")
+_KEYS = ("default", "allow_local", "allow", "deny", "maxmind")
 _V4_MAPPED = 0xFFFF  # value of the top 96 bits of ::ffff:a.b.c.d
+_COUNTRY = re.compile(r"[A-Za-z]{2}")
+# IANA zone names under the areas MaxMind reports (America/Argentina/Salta has
+# three parts).  Checked by shape, not against zoneinfo: the system's zone
+# data may be missing (container images often leave tzdata out) or older than the
+# database, and a file must check the same on every host.
+_TIME_ZONE = re.compile(
+    r"(Africa|America|Antarctica|Arctic|Asia|Atlantic|Australia|Europe|Indian|Pacific|Etc)(/[\w+-]+)+", re.ASCII
+)
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A country: or tz: rule: its type and value (the country in capitals).
+_Place = tuple[str, str]
+
+
+class _Level(Protocol):
+    """What a check asks of a level: the decision for a shifted address, if any."""
+
+    def get(self, key: int, /) -> Decision | None: ...
+
+
 # One level per (verdict, prefix length): the shift that turns an address into
-# its network number at that length, and the network numbers present.
-_Levels = tuple[tuple[int, dict[int, Decision]], ...]
+# its network number at that length, and the network numbers present; then
+# per verdict one level for its country: and tz: rules, if any (L{_Places}).
+_Levels = tuple[tuple[int, _Level], ...]
 
 
 @dataclass(frozen=True)
@@ -65,8 +93,9 @@ class AccessList:
     """
     An immutable, validated C{acl} block.
 
-    Equality and hashing use the settings and the rule texts, so two routes
-    configured identically compare equal.  Build it with L{from_config} for
+    Equality and hashing use the settings, the rule texts and the database
+    file as opened, so two routes configured identically compare equal, and
+    a list whose database file was replaced since does not.  Build it with L{from_config} for
     values loaded from YAML, or call the constructor with the same fields.
     """
 
@@ -74,6 +103,8 @@ class AccessList:
     allow_local: bool = True
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    #: The database that C{country:} and C{tz:} rules consult.
+    maxmind: GeoIPDatabase | None = None
     # Derived from the fields above by __post_init__, so left out of
     # equality: the lookup levels per address family, the verdict when no
     # rule matches, and that verdict again when no rule can match at all.
@@ -91,14 +122,16 @@ class AccessList:
                 "acl: default is deny, allow_local is false and acl.allow is empty,"
                 " so every client would be refused"
             )
-        local = [(ipaddress.ip_network(n), _ALLOW_LOCAL) for n in _LOCAL_NETWORKS]
+        local: list[tuple[_Network | _Place, Decision]] = [
+            (ipaddress.ip_network(n), _ALLOW_LOCAL) for n in _LOCAL_NETWORKS
+        ]
         stages = [
             local if self.allow_local else [],
-            _parse_rules("deny", deny, allowed=False),
-            _parse_rules("allow", allow, allowed=True),
+            _parse_rules("deny", deny, self.maxmind, allowed=False),
+            _parse_rules("allow", allow, self.maxmind, allowed=True),
         ]
-        v4 = _build_levels(stages, 4)
-        v6 = _build_levels(stages, 6)
+        v4 = _build_levels(stages, 4, self.maxmind)
+        v6 = _build_levels(stages, 6, self.maxmind)
         verdict = "allow" if self.default_allow else "deny"
         default = Decision(self.default_allow, f"default {verdict}")
         set_ = object.__setattr__
@@ -111,9 +144,10 @@ class AccessList:
         set_(self, "_constant", default if not (v4 or v6) else None)
 
     @classmethod
-    def from_config(cls, value: object) -> AccessList:
+    def from_config(cls, value: object, directory: str = "") -> AccessList:
         """
-        Validate the C{acl} value as loaded from YAML.
+        Validate the C{acl} value as loaded from YAML, opening the database
+        C{maxmind.database} names (relative to C{directory}: the route file's).
 
         A null value or key counts as absent, as it does in GoDoxy; an absent
         C{acl} block admits everyone (L{allow_all}).
@@ -135,11 +169,13 @@ class AccessList:
         allow_local = value.get("allow_local")
         if allow_local is not None and not isinstance(allow_local, bool):
             raise AclError(f"acl.allow_local: expected true or false, got {allow_local!r}")
+        maxmind = value.get("maxmind")
         return cls(
             default_allow=default != "deny",
             allow_local=True if allow_local is None else allow_local,
             allow=_rule_list("allow", value.get("allow")),
             deny=_rule_list("deny", value.get("deny")),
+            maxmind=None if maxmind is None else _database(maxmind, directory),
         )
 
     @classmethod
@@ -195,30 +231,48 @@ def _rule_list(name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _database(value: object, directory: str) -> GeoIPDatabase:
+    """Open the file C{acl.maxmind.database} names."""
+    if not isinstance(value, Mapping):
+        raise AclError(f"acl.maxmind: expected a mapping with a database, got {type(value).__name__}")
+    unknown = [key for key in value if key != "database"]
+    if unknown:
+        raise AclError(f"acl.maxmind: unknown key {unknown[0]!r}; the only key is database")
+    path = value.get("database")
+    if not isinstance(path, str) or not path:
+        raise AclError(f"acl.maxmind.database: expected the path of a MaxMind database file, got {path!r}")
+    try:
+        return open_database(os.path.join(directory, path))
+    except GeoIPError as e:
+        raise AclError(f"acl.maxmind.database: {e}") from None
+
+
 def _parse_rules(
-    name: str, rules: Iterable[str], *, allowed: bool
-) -> list[tuple[_Network, Decision]]:
-    """Parse C{acl.<name>}, pairing each network with the decision it yields."""
+    name: str, rules: Iterable[str], database: GeoIPDatabase | None, *, allowed: bool
+) -> list[tuple[_Network | _Place, Decision]]:
+    """Parse C{acl.<name>}, pairing each network or place with the decision it yields."""
     verb = "allow" if allowed else "deny"
-    return [
-        (_parse_rule(f"acl.{name}[{i}]", rule), Decision(allowed, f"{verb} {rule}"))
-        for i, rule in enumerate(rules)
-    ]
+    parsed: list[tuple[_Network | _Place, Decision]] = []
+    for i, rule in enumerate(rules):
+        path = f"acl.{name}[{i}]"
+        target = _parse_rule(path, rule)
+        if isinstance(target, tuple) and database is None:
+            raise AclError(f"{path}: {rule!r} needs a MaxMind database; add maxmind: {{database: FILE}} to this acl block")
+        parsed.append((target, Decision(allowed, f"{verb} {rule}")))
+    return parsed
 
 
-def _parse_rule(path: str, rule: str) -> _Network:
+def _parse_rule(path: str, rule: str) -> _Network | _Place:
     """
-    Parse one C{ip:}, C{cidr:} or bare address/CIDR rule into a network.
+    Parse one C{ip:}, C{cidr:} or bare address/CIDR rule into a network, or
+    a C{country:} or C{tz:} rule into a place.
 
     IPv4-mapped rules become IPv4 networks, because clients are unmapped
     before the lookup and would otherwise never match them.
     """
     kind, sep, body = rule.partition(":")
     if sep and kind in _GEOIP_TYPES:
-        raise AclError(
-            f"{path}: cannot use {rule!r}: {kind}: rules need a GeoIP database,"
-            " which streamrelay does not support yet"
-        )
+        return _parse_place(path, rule, kind, body)
     if not (sep and kind in _RULE_TYPES):
         kind, body = "", rule
     if "%" in body:
@@ -240,6 +294,17 @@ def _parse_rule(path: str, rule: str) -> _Network:
     return network
 
 
+def _parse_place(path: str, rule: str, kind: str, body: str) -> _Place:
+    """Check the value of a C{country:} or C{tz:} rule; countries in any case."""
+    if kind == "country":
+        if not _COUNTRY.fullmatch(body):
+            raise AclError(f"{path}: {rule!r} is not a country; expected a two-letter ISO 3166-1 code, as in country:DE")
+        return kind, body.upper()
+    if not _TIME_ZONE.fullmatch(body):
+        raise AclError(f"{path}: {rule!r} is not a time zone; expected an IANA Area/City name, as in tz:Europe/Berlin")
+    return kind, body
+
+
 def _unparsable(rule: str, kind: str) -> str:
     """Say why C{rule} is not a rule, guessing at a misspelt type prefix."""
     prefix, sep, _ = rule.partition(":")
@@ -247,32 +312,60 @@ def _unparsable(rule: str, kind: str) -> str:
     if not kind and sep and prefix.isalpha() and not set(prefix.lower()) <= set("abcdef"):
         return (
             f"{rule!r} has unknown rule type {prefix!r};"
-            " expected ip:, cidr: or a bare address or CIDR"
+            " expected ip:, cidr:, country:, tz: or a bare address or CIDR"
         )
     what = "IP address" if kind == "ip" else "IP address or CIDR"
     return f"{rule!r} is not a valid {what}"
 
 
-def _build_levels(stages: Iterable[list[tuple[_Network, Decision]]], version: int) -> _Levels:
+def _build_levels(
+    stages: Iterable[list[tuple[_Network | _Place, Decision]]], version: int, database: GeoIPDatabase | None
+) -> _Levels:
     """
     Turn the rules of one address family into lookup levels.
 
     Stages (local, deny, allow) keep their order, since the first hit decides.
     Within a stage the longest prefix comes first, so the reported rule is the
-    most specific match, and among duplicates the first rule written wins.
+    most specific match, and among duplicates the first rule written wins;
+    its country: and tz: rules come last, after every address rule.
     """
     bits = 32 if version == 4 else 128
-    levels: list[tuple[int, dict[int, Decision]]] = []
+    levels: list[tuple[int, _Level]] = []
     for stage in stages:
         by_length: dict[int, dict[int, Decision]] = {}
-        for network, decision in stage:
-            if network.version == version:
-                networks = by_length.setdefault(network.prefixlen, {})
-                key = int(network.network_address) >> (bits - network.prefixlen)
+        places: dict[_Place, Decision] = {}
+        for rule, decision in stage:
+            if isinstance(rule, tuple):
+                places.setdefault(rule, decision)
+            elif rule.version == version:
+                networks = by_length.setdefault(rule.prefixlen, {})
+                key = int(rule.network_address) >> (bits - rule.prefixlen)
                 networks.setdefault(key, decision)
         for length in sorted(by_length, reverse=True):
             levels.append((bits - length, by_length[length]))
+        if places and database is not None:  # _parse_rules saw to the database
+            levels.append((0, _Places(database.locate, version, places)))
     return tuple(levels)
+
+
+class _Places:
+    """
+    One stage's country: and tz: rules as a level: given the whole address
+    (shift 0), it asks the database where that is.  Country rules are
+    checked before time-zone rules.
+    """
+
+    __slots__ = ("locate", "version", "countries", "zones")
+
+    def __init__(self, locate: Callable[[int, int], Location], version: int, rules: dict[_Place, Decision]) -> None:
+        self.locate = locate
+        self.version = version
+        self.countries = {value: d for (kind, value), d in rules.items() if kind == "country"}
+        self.zones = {value: d for (kind, value), d in rules.items() if kind == "tz"}
+
+    def get(self, address: int) -> Decision | None:
+        country, zone = self.locate(self.version, address)
+        return self.countries.get(country) or self.zones.get(zone)
 
 
 _ALLOW_ALL = AccessList(default_allow=True, allow_local=False)

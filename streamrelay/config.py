@@ -15,13 +15,16 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Final, Literal, Mapping, NoReturn, TypeVar, Union, get_args
+from typing import Any, Callable, Collection, Final, Literal, Mapping, NamedTuple, NoReturn, TypeVar, Union, get_args
 
 import yaml
 
 from .acl import AccessList, AclError
 from .addresses import join_host_port, unmapped
+from .bandwidth import Bandwidth, ByteRate, Directions, parse_byte_rate
 from .gateway import GatewayConfig, TargetRule, parse_target_rule
+from .balance import MODES, LoadBalance, TargetSpec
+from .health import HealthCheck
 from .ratelimit import Rate, RateLimit
 
 __all__ = [
@@ -203,6 +206,62 @@ def parse_port(value: object) -> tuple[int, int]:
         raise _Invalid(f'"LISTEN:TARGET" ports, e.g. "2222:22": {e}') from None
 
 
+#: The most listening ports one route may have: more than a TURN, RTP or
+#: passive-FTP range needs, and a bound on what one route costs to start.
+MAX_PORT_RANGE: Final = 4096
+
+
+class Ports(NamedTuple):
+    """A route's C{port} field: its listening ports, and where each relays to."""
+
+    listen: int
+    target: int
+    #: How many listening ports, from C{listen} on.
+    size: int = 1
+    #: Whether the target ports are a range as long: each listening port relays to the one at its offset.
+    target_range: bool = False
+
+
+def parse_ports(value: object) -> Ports:
+    """
+    L{parse_port}'s C{LISTEN:TARGET}, or a range of listening ports:
+    C{"10000-10099:20000-20099"} relays each to the target port at the same
+    offset, C{"10000-10099:3478"} all of them to one.
+    """
+    if not isinstance(value, str) or "-" not in value:
+        return Ports(*parse_port(value))
+    listen, _, target = value.rpartition(":")
+    try:
+        low, high = _port_range(listen, "a listening")
+        count = high - low + 1
+        if count > MAX_PORT_RANGE:
+            raise _Invalid(f"at most {MAX_PORT_RANGE} listening ports per route (this range has {count})")
+        if "-" not in target:
+            return Ports(low, _port_number(target, 1, "a target"), count)
+        first, last = _port_range(target, "a target")
+        if last - first + 1 != count:
+            raise _Invalid(f"a target range as long as the listening one ({count} ports, not {last - first + 1}) or one target port")
+        return Ports(low, first, count, count > 1)
+    except _Invalid as e:
+        raise _Invalid(f'"LOW-HIGH:TARGET" or "LOW-HIGH:LOW-HIGH" port ranges, e.g. "10000-10099:20000-20099": {e}') from None
+
+
+def _port_range(text: str, what: str) -> tuple[int, int]:
+    """C{LOW-HIGH}, LOW at most HIGH, neither 0 (a range has no port the system picks)."""
+    low, dash, high = text.partition("-")
+    if not dash:
+        raise _Invalid(f"{what} range LOW-HIGH, not {text!r}")
+    first, last = _port_number(low, 1, what), _port_number(high, 1, what)
+    if first > last:
+        raise _Invalid(f"{what} range from its low port to its high one, not {text}")
+    return first, last
+
+
+def port_span(ports: range) -> str:
+    """C{10000-10099}, or C{22} for one port: ports as the C{port} field writes them."""
+    return str(ports[0]) if len(ports) == 1 else f"{ports[0]}-{ports[-1]}"
+
+
 def parse_address(value: object) -> str:
     """An IP literal, in canonical form."""
     if not isinstance(value, str):
@@ -329,6 +388,35 @@ def parse_rate_limit(value: object) -> RateLimit:
     return RateLimit(burst=part("burst", _integer(1, 10_000_000)), **rates)
 
 
+def parse_bandwidth(value: object) -> Bandwidth:
+    """
+    C{{per_connection: 10MiB/s, per_client: {up: 1MiB/s, down: 50MiB/s}, per_route: 1GiB/s}}, at least
+    one of them: a rate limits each direction to it, C{up} and C{down} one direction each.
+    """
+    fields = ("per_connection", "per_client", "per_route")
+    if not isinstance(value, dict) or not value:
+        raise _Invalid(f"a mapping with {', '.join(fields)} (one or more), e.g. {{per_connection: 10MiB/s}}")
+
+    def rate(key: str, text: object) -> ByteRate:
+        try:
+            return parse_byte_rate(text)
+        except ValueError as e:
+            raise _Invalid(f"{key} as {e}") from None
+
+    limits = {}
+    for key, limit in value.items():
+        if key not in fields:
+            raise _Invalid(f"only {', '.join(fields)} (not {key!r})")
+        if not isinstance(limit, dict):
+            both = rate(key, limit)
+            limits[key] = Directions(both, both)
+        elif limit and limit.keys() <= {"up", "down"}:
+            limits[key] = Directions(**{direction: rate(f"{key}.{direction}", text) for direction, text in limit.items()})
+        else:
+            raise _Invalid(f"{key} as a rate or {{up: RATE, down: RATE}} (one or both)")
+    return Bandwidth(**limits)
+
+
 # ------------------------------------------------------------------ objects
 
 
@@ -359,6 +447,45 @@ class ProxyProtocolConfig:
         return self._trusted is not None and self._trusted.check(host).allowed
 
 
+TLSVersion = Literal["1.2", "1.3"]
+VerifyClient = Literal["none", "optional", "require"]
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """C{tls}: terminate TLS from clients with this certificate."""
+
+    cert: str
+    key: str
+    chain: str | None = None
+    #: CA file that client certificates must chain to (C{verify_client}).
+    client_ca: str | None = None
+    verify_client: VerifyClient = "none"
+    #: Protocols offered to clients by ALPN, in order of preference; empty: no ALPN.
+    alpn: tuple[str, ...] = ()
+    min_version: TLSVersion = "1.2"
+    handshake_timeout: float = 10.0
+    #: SHA-256 of the files read, so that a reload notices a renewed certificate.
+    digest: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamTLSConfig:
+    """C{upstream_tls}: originate TLS to the target and check who answers."""
+
+    #: The name sent as SNI and verified; default: the route's target host.
+    server_name: str | None = None
+    #: CA file to verify the target against; None: the system's store.
+    ca: str | None = None
+    #: A client certificate and key to present, for targets that ask for one.
+    cert: str | None = None
+    key: str | None = None
+    verify: bool = True
+    alpn: tuple[str, ...] = ()
+    min_version: TLSVersion = "1.2"
+    digest: str = ""
+
+
 @dataclass(frozen=True)
 class RouteConfig:
     """One route: where it listens, where it relays to, and how."""
@@ -369,6 +496,10 @@ class RouteConfig:
     listen_port: int
     host: str
     target_port: int
+    #: Listening ports from C{listen_port} on: more than 1 for a C{port} range.
+    port_count: int = 1
+    #: With a range: each listening port relays to the target port at its offset (else all to C{target_port}).
+    target_range: bool = False
     connect_timeout: float = 5.0
     retries: int = 1
     dial_timeout: float = 0.0  # 0: connect_timeout × (retries + 1), see budget
@@ -385,6 +516,8 @@ class RouteConfig:
     max_connections_per_client: int = 0
     #: Connection (UDP: new session) rates per client and per route; None: unlimited.
     rate_limit: RateLimit | None = None
+    #: Bytes per second per connection (UDP: session), per client and per route, each way; None: unlimited.
+    bandwidth: Bandwidth | None = None
     splice: SpliceSetting = "auto"
     reuse_port: bool = False
     udp_idle_timeout: float = 300.0
@@ -395,6 +528,20 @@ class RouteConfig:
     udp_max_requests: int = 0
     #: An encrypted-target gateway's settings: its clients name the target.
     gateway: GatewayConfig | None = None
+    #: Terminate TLS from clients (L{streamrelay.tlslayer}).
+    tls: TLSConfig | None = None
+    #: Originate TLS to the target.
+    upstream_tls: UpstreamTLSConfig | None = None
+    #: TLS server names this route takes on a listening address it shares ("*": the default).
+    sni: tuple[str, ...] = ()
+    #: With C{sni}: relay the TLS stream as it is instead of terminating it.
+    tls_passthrough: bool = False
+    #: With C{sni}: how long a client may take to send its whole ClientHello.
+    tls_hello_timeout: float = 5.0
+    #: Several targets (L{streamrelay.targets}); empty: C{host} and C{target_port} alone.
+    targets: tuple[TargetSpec, ...] = ()
+    load_balance: LoadBalance = LoadBalance()
+    healthcheck: HealthCheck | None = None
 
     @property
     def protocol(self) -> RouteProtocol:
@@ -417,19 +564,49 @@ class RouteConfig:
         return self.dial_timeout or self.connect_timeout * (self.retries + 1)
 
     @property
+    def listen_ports(self) -> range:
+        """Every listening port: C{listen_port} alone, or the range."""
+        return range(self.listen_port, self.listen_port + self.port_count)
+
+    @property
+    def target_ports(self) -> range:
+        """The target ports: one, or a range as long as L{listen_ports}."""
+        return range(self.target_port, self.target_port + (self.port_count if self.target_range else 1))
+
+    def target_port_for(self, listen_port: int) -> int:
+        """Where a client of C{listen_port}, one of L{listen_ports}, is relayed to."""
+        return self.target_port + listen_port - self.listen_port if self.target_range else self.target_port
+
+    @property
     def listen(self) -> str:
-        """The configured listening address, as C{host:port}."""
-        return join_host_port(self.bind, self.listen_port)
+        """The configured listening address, as C{host:port} (C{host:low-high} for a range)."""
+        address = join_host_port(self.bind, self.listen_port)
+        return address if self.port_count == 1 else f"{address}-{self.listen_ports[-1]}"
 
     @property
     def dst(self) -> str:
-        """The target, as C{host:port}."""
-        return join_host_port(self.host, self.target_port)
+        """The target, as C{host:port}; the first of several, and how many there are."""
+        if len(self.targets) > 1:
+            first = self.targets[0]
+            return f"{join_host_port(first.host, first.port)} (+{len(self.targets) - 1} more)"
+        target = join_host_port(self.host, self.target_port)
+        return f"{target}-{self.target_ports[-1]}" if self.target_range else target
 
 
 def scheme_protocol(scheme: Scheme) -> RouteProtocol:
     """What a route of C{scheme} relays: C{"tcp"} or C{"udp"}."""
     return "udp" if scheme.startswith("udp") else "tcp"
+
+
+@dataclass(frozen=True)
+class ResolverConfig:
+    """C{resolver}: the DNS servers that host-name targets are asked of, and how long answers count."""
+
+    #: C{(ip, port)}; empty: the system's hosts file and resolv.conf.
+    servers: tuple[tuple[str, int], ...] = ()
+    dns_min_ttl: float = 1.0
+    dns_max_ttl: float = 300.0
+    dns_max_stale: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -440,6 +617,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     shutdown_timeout: float = 10.0
     status: StatusConfig | None = None
+    resolver: ResolverConfig = ResolverConfig()
 
 
 #: Who may read the status endpoint when its block has no C{acl}: loopback.
@@ -482,6 +660,7 @@ TUNABLES: Mapping[str, _Tunable] = {
     "max_connections": _Tunable(_integer(0, 10_000_000), _TCP),
     "max_connections_per_client": _Tunable(_integer(0, 10_000_000), _TCP),
     "rate_limit": _Tunable(parse_rate_limit),
+    "bandwidth": _Tunable(parse_bandwidth),
     "splice": _Tunable(_splice, _TCP),
     "udp_idle_timeout": _Tunable(_positive_duration, _UDP),
     "udp_cleanup_interval": _Tunable(_positive_duration, _UDP),
@@ -490,10 +669,22 @@ TUNABLES: Mapping[str, _Tunable] = {
     "udp_max_replies": _Tunable(_integer(0, 1 << 31), _UDP),
     "udp_max_requests": _Tunable(_integer(0, 1 << 31), _UDP),
     "reuse_port": _Tunable(_boolean),
+    "tls_hello_timeout": _Tunable(_positive_duration, _TCP),
 }
 
-_ROUTE_ONLY = ("scheme", "bind", "host", "port", "proxy_protocol", "acl", "gateway")
-_TOP_LEVEL = ("defaults", "routes", "shutdown_timeout", "proxy_protocol", "entrypoint", "acl", "status")
+_TARGETS_FIELDS = ("targets", "load_balance", "healthcheck", "max_fails", "fail_timeout")
+_ROUTE_ONLY = (
+    "scheme", "bind", "host", "port", "proxy_protocol", "acl", "gateway", "tls", "upstream_tls", "sni", "tls_passthrough",
+    *_TARGETS_FIELDS,
+)
+_TLS_FIELDS = ("cert", "key", "chain", "client_ca", "verify_client", "alpn", "min_version", "handshake_timeout")
+_UPSTREAM_TLS_FIELDS = ("server_name", "ca", "cert", "key", "verify", "alpn", "min_version")
+#: What the routes sharing one listening address by C{sni} must agree on: it applies before the name is known.
+_SHARED_PORT_FIELDS = ("proxy_protocol", "reuse_port", "backlog", "tls_hello_timeout")
+_TOP_LEVEL = ("defaults", "routes", "shutdown_timeout", "proxy_protocol", "entrypoint", "acl", "status", "resolver")
+_RESOLVER_FIELDS = ("servers", "dns_min_ttl", "dns_max_ttl", "dns_max_stale")
+_LOAD_BALANCE_FIELDS = ("mode", "sticky", "sticky_max_age")
+_HEALTHCHECK_FIELDS = ("interval", "timeout", "retries", "disable", "send", "expect")
 _STATUS_FIELDS = ("listen", "acl")
 #: Server endpoint types the status block may name (Twisted's, by their prefix).
 _ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd", "ssl")
@@ -580,11 +771,31 @@ class _Parser:
         extra: dict[str, Any] = {}
         if "status" in top:
             extra["status"] = self.status(top["status"])
+        if "resolver" in top:
+            extra["resolver"] = self.resolver(top["resolver"])
         if "shutdown_timeout" in top:
             extra["shutdown_timeout"] = self.value(
                 None, "shutdown_timeout", top["shutdown_timeout"], parse_duration
             )
         return Config(path=self.path, routes=routes, **extra)
+
+    def resolver(self, raw: object) -> ResolverConfig:
+        block = self.mapping(None, "resolver", raw, _RESOLVER_FIELDS)
+        settings: dict[str, Any] = {
+            key: self.value(None, f"resolver.{key}", block[key], _positive_duration)
+            for key in ("dns_min_ttl", "dns_max_ttl", "dns_max_stale") if key in block
+        }
+        if "servers" in block:
+            servers = block["servers"]
+            if not isinstance(servers, list) or not servers:
+                self._raise(None, "resolver.servers", 'expected a list of "IP:port" DNS servers')
+            settings["servers"] = tuple(
+                self.value(None, f"resolver.servers[{i}]", entry, _dns_server) for i, entry in enumerate(servers)
+            )
+        config = ResolverConfig(**settings)
+        if config.dns_min_ttl > config.dns_max_ttl:
+            self._raise(None, "resolver.dns_min_ttl", "must not be above dns_max_ttl")
+        return config
 
     def status(self, raw: object) -> StatusConfig:
         block = self.mapping(None, "status", raw, _STATUS_FIELDS)
@@ -618,7 +829,7 @@ class _Parser:
 
     def acl(self, route: str | None, raw: object, name: str = "acl") -> AccessList:
         try:
-            return AccessList.from_config(raw)
+            return AccessList.from_config(raw, os.path.dirname(self.path))
         except AclError as e:
             field_path, _, message = str(e).partition(": ")
             self._raise(route, name + field_path.removeprefix("acl"), message)
@@ -657,7 +868,10 @@ class _Parser:
             self._raise(name, "port", 'missing ("LISTEN:TARGET", e.g. "2222:22")')
         if "gateway" in raw:
             return self.gateway_route(name, raw, defaults)
-        listen_port, target_port = self.value(name, "port", raw["port"], parse_port)
+        if "targets" in raw:
+            return self.targets_route(name, raw, defaults)
+        ports = self.value(name, "port", raw["port"], parse_ports)
+        listen_port, target_port = ports.listen, ports.target
 
         bind = self.value(name, "bind", raw.get("bind", "0.0.0.0" if family == "4" else "::"), parse_address)
         host = self.value(name, "host", raw.get("host", "localhost"), parse_host)
@@ -678,10 +892,171 @@ class _Parser:
                 settings[key] = self.value(name, key, raw[key], tunable.parse)
             elif key in defaults and protocol in tunable.protocols:
                 settings[key] = defaults[key]
+        settings.update(self.tls_settings(name, raw, protocol, host))
+        if ports.size > 1 and settings.get("sni"):
+            self._raise(name, "port", "port ranges are not supported on routes with sni")
+        settings.update(self.balancing(name, raw))
+        if "healthcheck" in raw and ports.target_range:
+            self._raise(name, "healthcheck", "not supported with a range of target ports (it checks one)")
+        if "healthcheck" in raw:  # one target, checked: a pool of one
+            settings["targets"] = (TargetSpec(host, target_port),)
+        for key in _TARGETS_FIELDS[1:]:
+            if key in raw and not settings.get("targets"):
+                self._raise(name, key, "only for routes with targets (or, for healthcheck, a host)")
         return RouteConfig(
             name=name, scheme=scheme, bind=bind, listen_port=listen_port,
-            host=host, target_port=target_port, **settings,
+            host=host, target_port=target_port, port_count=ports.size, target_range=ports.target_range, **settings,
         )
+
+    def targets_route(self, name: str, raw: _YAMLMapping, defaults: dict[str, Any]) -> RouteConfig:
+        """
+        A route with several targets: C{port} is the listening port alone,
+        and C{host} has no place (each target names its own).
+        """
+        if "host" in raw:
+            self._raise(name, "targets", "a route has either host (and a target port) or targets, not both")
+        entries = raw["targets"]
+        if not isinstance(entries, list) or not entries:
+            self._raise(name, "targets", 'expected a list of "host:port" or {host, port, weight, backup} entries')
+        specs = tuple(self.target(name, f"targets[{i}]", entry) for i, entry in enumerate(entries))
+        scheme = raw["scheme"]
+        for i, spec in enumerate(specs):
+            self.check_family(name, f"targets[{i}]", scheme, spec.host)
+        if all(spec.backup for spec in specs):
+            self._raise(name, "targets", "every target is a backup: mark at least one as primary")
+        listen = self.value(name, "port", raw["port"], _listen_port)
+        first = specs[0]
+        plain = {k: v for k, v in raw.items() if k not in _TARGETS_FIELDS}  # balancing() reads them below
+        plain.update(port=f"{listen}:{first.port}", host=first.host)
+        route = self.route(name, plain, defaults)
+        return dataclasses.replace(route, targets=specs, **self.balancing(name, raw))
+
+    def target(self, route: str, name: str, raw: object) -> TargetSpec:
+        if isinstance(raw, str):
+            host, port = self.value(route, name, raw, _host_port)
+            return TargetSpec(host, port)
+        block = self.mapping(route, name, raw, ("host", "port", "weight", "backup"))
+        for key in ("host", "port"):
+            if key not in block:
+                self._raise(route, f"{name}.{key}", "missing")
+        return TargetSpec(
+            self.value(route, f"{name}.host", block["host"], parse_host),
+            self.value(route, f"{name}.port", block["port"], _target_port),
+            self.value(route, f"{name}.weight", block.get("weight", 1), _integer(1, 1000)),
+            self.value(route, f"{name}.backup", block.get("backup", False), _boolean),
+        )
+
+    def balancing(self, route: str, raw: _YAMLMapping) -> dict[str, Any]:
+        """C{load_balance}, C{max_fails}, C{fail_timeout} and C{healthcheck}."""
+        settings: dict[str, Any] = {}
+        balance: dict[str, Any] = {}
+        if "load_balance" in raw:
+            block = self.mapping(route, "load_balance", raw["load_balance"], _LOAD_BALANCE_FIELDS)
+            if "mode" in block:
+                balance["mode"] = self.value(route, "load_balance.mode", block["mode"], _choice(*MODES))
+            if "sticky" in block:
+                balance["sticky"] = self.value(route, "load_balance.sticky", block["sticky"], _boolean)
+            if "sticky_max_age" in block:
+                balance["sticky_max_age"] = self.value(
+                    route, "load_balance.sticky_max_age", block["sticky_max_age"], _positive_duration
+                )
+        if "max_fails" in raw:
+            balance["max_fails"] = self.value(route, "max_fails", raw["max_fails"], _integer(0, 1000))
+        if "fail_timeout" in raw:
+            balance["fail_timeout"] = self.value(route, "fail_timeout", raw["fail_timeout"], _positive_duration)
+        if balance:
+            settings["load_balance"] = LoadBalance(**balance)
+        if "healthcheck" in raw:
+            block = self.mapping(route, "healthcheck", raw["healthcheck"], _HEALTHCHECK_FIELDS)
+            check: dict[str, Any] = {
+                key: self.value(route, f"healthcheck.{key}", block[key], _positive_duration)
+                for key in ("interval", "timeout") if key in block
+            }
+            if "retries" in block:
+                check["retries"] = self.value(route, "healthcheck.retries", block["retries"], _integer(1, 1000))
+            for key in ("send", "expect"):
+                if key in block:
+                    check[key] = self.value(route, f"healthcheck.{key}", block[key], _probe_bytes)
+            disabled = self.value(route, "healthcheck.disable", block.get("disable", False), _boolean)
+            settings["healthcheck"] = None if disabled else HealthCheck(**check)
+        return settings
+
+    def tls_settings(self, route: str, raw: _YAMLMapping, protocol: RouteProtocol, host: str) -> dict[str, Any]:
+        """C{tls}, C{upstream_tls}, C{sni} and C{tls_passthrough}, checked together."""
+        present = [key for key in ("tls", "upstream_tls", "sni", "tls_passthrough") if key in raw]
+        if not present:
+            return {}
+        if protocol != "tcp":
+            self._raise(route, present[0], "only supported for tcp routes")
+        settings: dict[str, Any] = {}
+        if "tls" in raw:
+            settings["tls"] = self.tls(route, raw["tls"])
+        if "upstream_tls" in raw:
+            settings["upstream_tls"] = self.upstream_tls(route, raw["upstream_tls"], host)
+        if "tls_passthrough" in raw:
+            settings["tls_passthrough"] = self.value(route, "tls_passthrough", raw["tls_passthrough"], _boolean)
+        if "sni" in raw:
+            settings["sni"] = self.value(route, "sni", raw["sni"], _server_names)
+        if settings.get("tls_passthrough"):
+            if not settings.get("sni"):
+                self._raise(route, "tls_passthrough", "needs sni: the names whose TLS streams this route relays as they are")
+            if "tls" in settings:
+                self._raise(route, "tls_passthrough", "a route either terminates TLS (tls) or passes it through, not both")
+        elif settings.get("sni") and "tls" not in settings:
+            self._raise(route, "sni", "give tls (to terminate) or tls_passthrough: true (to relay the TLS stream as it is)")
+        return settings
+
+    def fields(
+        self, route: str, name: str, block: _YAMLMapping, parsers: Mapping[str, Callable[[object], Any]]
+    ) -> dict[str, Any]:
+        """The fields of C{block} that C{parsers} names, each parsed."""
+        return {key: self.value(route, f"{name}.{key}", block[key], parse) for key, parse in parsers.items() if key in block}
+
+    def tls_file(self, route: str, name: str, raw: object) -> str:
+        """A certificate, key or CA file, relative to the route file's directory."""
+        location = self.value(route, name, raw, _nonempty_text)
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), location)
+
+    def tls(self, route: str, raw: object) -> TLSConfig:
+        from . import tlscontext  # pyOpenSSL is only loaded for files that use TLS
+
+        block = self.mapping(route, "tls", raw, _TLS_FIELDS)
+        for key in ("cert", "key"):
+            if key not in block:
+                self._raise(route, f"tls.{key}", "missing (a PEM file)")
+        settings: dict[str, Any] = {
+            key: self.tls_file(route, f"tls.{key}", block[key]) for key in ("cert", "key", "chain", "client_ca") if key in block
+        }
+        settings.update(self.fields(route, "tls", block, _TLS_SETTINGS))
+        if settings.get("verify_client", "none") != "none" and "client_ca" not in settings:
+            self._raise(route, "tls.client_ca", f"verify_client {settings['verify_client']} needs a client_ca file")
+        if "client_ca" in settings and settings.get("verify_client", "none") == "none":
+            self._raise(route, "tls.verify_client", "client_ca is given: say optional or require (none would ignore it)")
+        config = TLSConfig(**settings)
+        try:
+            tlscontext.server_context(config)
+            digest = tlscontext.file_digest(config.cert, config.key, config.chain, config.client_ca)
+        except tlscontext.TLSSetupError as e:
+            self._raise(route, "tls", str(e))
+        return dataclasses.replace(config, digest=digest)
+
+    def upstream_tls(self, route: str, raw: object, host: str) -> UpstreamTLSConfig:
+        from . import tlscontext
+
+        block = self.mapping(route, "upstream_tls", raw, _UPSTREAM_TLS_FIELDS)
+        settings: dict[str, Any] = {
+            key: self.tls_file(route, f"upstream_tls.{key}", block[key]) for key in ("ca", "cert", "key") if key in block
+        }
+        if ("cert" in settings) != ("key" in settings):
+            self._raise(route, "upstream_tls.cert", "a client certificate needs both cert and key")
+        settings.update(self.fields(route, "upstream_tls", block, _UPSTREAM_TLS_SETTINGS))
+        config = UpstreamTLSConfig(**settings)
+        try:
+            tlscontext.client_context(config)
+            digest = tlscontext.file_digest(config.ca, config.cert, config.key)
+        except tlscontext.TLSSetupError as e:
+            self._raise(route, "upstream_tls", str(e))
+        return dataclasses.replace(config, digest=digest)
 
     def gateway_route(self, name: str, raw: _YAMLMapping, defaults: dict[str, Any]) -> RouteConfig:
         """
@@ -733,24 +1108,144 @@ class _Parser:
             self._raise(route, key, f"expected an IPv{wanted} address for scheme {scheme}, found {address!r}")
 
     def check_clashes(self, routes: tuple[RouteConfig, ...]) -> None:
+        """
+        Two routes may not listen on one address, unless both route by
+        C{sni} on exactly the same address, agreeing on what applies before
+        the name is known, with no server name twice.
+        """
         for i, first in enumerate(routes):
             for second in routes[i + 1 :]:
-                if (
-                    first.protocol == second.protocol
-                    and first.listen_port == second.listen_port != 0
-                    and _binds_overlap(first.bind, second.bind)
-                ):
+                if first.protocol != second.protocol or not _binds_overlap(first.bind, second.bind):
+                    continue
+                common = _common_port(first, second)
+                if common is not None:
+                    if first.sni and second.sni and first.bind == second.bind:
+                        self.check_sharing(first, second)
+                        continue
+                    ranges = first.port_count > 1 or second.port_count > 1
                     raise self.fail(
                         second.name, "port",
                         f"{second.protocol} {second.listen} clashes with route "
-                        f"{first.name!r} listening on {first.listen}",
+                        f"{first.name!r} listening on {first.listen}" + (f" (both take port {common})" if ranges else ""),
                     )
+
+
+    def check_sharing(self, first: RouteConfig, second: RouteConfig) -> None:
+        for key in _SHARED_PORT_FIELDS:
+            if getattr(first, key) != getattr(second, key):
+                raise self.fail(
+                    second.name, key,
+                    f"differs from route {first.name!r}, which shares {second.listen} by sni: "
+                    "routes on one address must agree on it",
+                )
+        common = sorted(set(first.sni) & set(second.sni))
+        if common:
+            raise self.fail(second.name, "sni", f"{common[0]!r} is also route {first.name!r}'s, on {second.listen}")
+
+
+def _server_names(value: object) -> tuple[str, ...]:
+    """C{sni}: server names, C{*.example.org} wildcards, C{"*"} for the default."""
+    from .clienthello import NameTable
+
+    if not isinstance(value, list) or not value:
+        raise _Invalid('a list of server names (exact, "*.example.org", or "*" for the default)')
+    names: list[str] = []
+    for entry in value:
+        if not isinstance(entry, str):
+            raise _Invalid(f"server names as text, not {entry!r}")
+        try:
+            name = NameTable.normalize(entry)
+        except ValueError as e:
+            raise _Invalid(f"server names ({entry!r}: {e})") from None
+        if name in names:
+            raise _Invalid(f"each server name once ({name!r} is there twice)")
+        names.append(name)
+    return tuple(names)
+
+
+def _host_port(value: object) -> tuple[str, int]:
+    """C{host:port}, C{[v6]:port}."""
+    expected = 'a "host:port" target ("[2001:db8::1]:443" for IPv6)'
+    if not isinstance(value, str):
+        raise _Invalid(expected)
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+    if not match:
+        raise _Invalid(expected)
+    try:
+        host = parse_host(match.group(1) or match.group(3))
+        return host, _port_number(match.group(2) or match.group(4), 1, "a target")
+    except _Invalid as e:
+        raise _Invalid(f"{expected}: {e}") from None
+
+
+def _target_port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _Invalid("a target port from 1 to 65535")
+    return _port_number(str(value), 1, "a target")
+
+
+def _dns_server(value: object) -> tuple[str, int]:
+    """C{IP} (port 53) or C{IP:port}, C{[v6]:port}."""
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value)), 53
+        except ValueError:
+            pass
+    host, port = _host_port(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise _Invalid('a DNS server as "IP" or "IP:port"') from None
+    return host, port
+
+
+def _probe_bytes(value: object) -> bytes:
+    """C{send}/C{expect}: text, with C{\\r}, C{\\n} and C{\\xNN} escapes as YAML's double quotes give them."""
+    if not isinstance(value, str) or not value:
+        raise _Invalid('non-empty text such as "PING\\r\\n"')
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise _Invalid("text of characters up to \\xff (bytes)") from None
+
+
+def _alpn(value: object) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list) or not value
+        or not all(isinstance(p, str) and 0 < len(p.encode()) < 256 for p in value)
+    ):
+        raise _Invalid('a list of protocol names such as ["h2", "http/1.1"]')
+    return tuple(value)
+
+
+def _tls_version(value: object) -> TLSVersion:
+    text = str(value) if isinstance(value, (str, float)) else ""
+    if text not in ("1.2", "1.3"):
+        raise _Invalid('"1.2" or "1.3"')
+    return "1.2" if text == "1.2" else "1.3"
+
+
+#: The C{tls} and C{upstream_tls} fields that are not file names.
+_TLS_SETTINGS: Mapping[str, Callable[[object], Any]] = {
+    "verify_client": _choice("none", "optional", "require"),
+    "alpn": _alpn,
+    "min_version": _tls_version,
+    "handshake_timeout": _positive_duration,
+}
+_UPSTREAM_TLS_SETTINGS: Mapping[str, Callable[[object], Any]] = {
+    "server_name": parse_host,
+    "verify": _boolean,
+    "alpn": _alpn,
+    "min_version": _tls_version,
+}
 
 
 def _listen_port(value: object) -> int:
     """A gateway route's C{port}: the listening port alone."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise _Invalid("a listening port from 0 to 65535")
+    if isinstance(value, str) and "-" in value:
+        raise _Invalid("a listening port from 0 to 65535 (port ranges are not supported with gateway or targets)")
     return _port_number(str(value), 0, "a listening")
 
 
@@ -781,6 +1276,12 @@ _GATEWAY_FIELDS: Mapping[str, Callable[[object], Any]] = {
     "ban_time": _positive_duration,
     "cache_size": _integer(0, 1_000_000),
 }
+
+
+def _common_port(a: RouteConfig, b: RouteConfig) -> int | None:
+    """The lowest listening port two routes both take, if any (0, a port the system picks, never is)."""
+    low = max(a.listen_port, b.listen_port)
+    return low if 0 < low <= min(a.listen_ports[-1], b.listen_ports[-1]) else None
 
 
 def _binds_overlap(a: str, b: str) -> bool:

@@ -115,6 +115,8 @@ class Dial(ClientFactory):
         self.make_protocol = make_protocol
         self.on_failure = on_failure
         self.connector: IConnector | None = None
+        #: The protocol of a connected attempt: one that connects its caller late (TLS) is reset if cancelled meanwhile.
+        self.built: Protocol | None = None
         self.cancelled = False
 
     def start(self) -> None:
@@ -130,9 +132,12 @@ class Dial(ClientFactory):
                 self.connector.stopConnecting()
             except NotConnectingError:
                 pass  # connected already, or between attempts
+        if self.built is not None and self.built.transport is not None:
+            self.built.transport.abortConnection()  # type: ignore[attr-defined]
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
-        return self.make_protocol()
+        self.built = self.make_protocol()
+        return self.built
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         if self.cancelled:

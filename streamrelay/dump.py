@@ -16,7 +16,11 @@ from typing import Any
 import yaml
 
 from .acl import AccessList
-from .config import TUNABLES, Config, ProxyProtocolConfig, RouteConfig, RouteLoader, parse_duration
+from .addresses import join_host_port
+from .bandwidth import Bandwidth, Directions
+from .config import (
+    TUNABLES, Config, ProxyProtocolConfig, ResolverConfig, RouteConfig, RouteLoader, parse_duration, port_span,
+)
 from .gateway import GatewayConfig
 from .ratelimit import RateLimit
 
@@ -33,10 +37,17 @@ def report(config: Config, as_yaml: bool = False) -> str:
 def describe(route: RouteConfig) -> str:
     """
     C{NAME: SCHEME LISTEN -> TARGET (NOTES)}: the notes name what decides
-    who gets through and how (inbound and outbound PROXY headers, the ACL,
+    who gets through and how (server names and TLS, inbound and outbound PROXY headers, the ACL,
     the limits in force, C{reuse_port}, and C{splice} for every TCP route).
     """
     notes = []
+    if route.sni:
+        notes.append(f"sni {' '.join(route.sni)}" + (" passthrough" if route.tls_passthrough else ""))
+    if route.tls is not None:
+        notes.append("tls" + (f" verify_client {route.tls.verify_client}" if route.tls.verify_client != "none" else ""))
+    if route.upstream_tls is not None:
+        upstream = route.upstream_tls
+        notes.append(f"upstream_tls {upstream.server_name or route.host}" + ("" if upstream.verify else " unverified"))
     if route.proxy_protocol.mode != "disabled":
         notes.append(f"proxy_protocol {route.proxy_protocol.mode}")
     if route.relay_proxy_protocol_header:
@@ -53,6 +64,10 @@ def describe(route: RouteConfig) -> str:
     notes.extend(f"{limit} {getattr(route, limit)}" for limit in limits if getattr(route, limit))
     if route.rate_limit is not None:
         notes.append("rate_limit " + " ".join(f"{key} {value}" for key, value in _rate_limit(route.rate_limit).items()))
+    if route.targets:
+        balance, check = route.load_balance, route.healthcheck
+        notes.append(f"load_balance {balance.mode}" + (" sticky" if balance.sticky else ""))
+        notes.append(f"healthcheck {_duration(check.interval)}" if check is not None else "no healthcheck")
     if route.reuse_port:
         notes.append("reuse_port")
     if route.protocol == "tcp":
@@ -67,6 +82,8 @@ def dump(config: Config) -> str:
     document: dict[str, Any] = {"shutdown_timeout": _duration(config.shutdown_timeout)}
     if config.status is not None:
         document["status"] = {"listen": config.status.endpoint, "acl": _acl(config.status.acl)}
+    if config.resolver != ResolverConfig() or any(route.targets for route in config.routes):
+        document["resolver"] = _resolver(config.resolver)
     document["routes"] = {route.name: _route(route) for route in config.routes}
     return yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
@@ -76,17 +93,31 @@ def _route(route: RouteConfig) -> dict[str, Any]:
         "scheme": route.scheme,
         "bind": route.bind,
         "host": route.host,
-        "port": f"{route.listen_port}:{route.target_port}",
+        "port": f"{port_span(route.listen_ports)}:{port_span(route.target_ports)}",
     }
     for key, tunable in TUNABLES.items():
         value = getattr(route, key)
         # dial_timeout 0 stands for its default, connect_timeout × (retries + 1),
-        # and rate_limit None for no limit, which the file can only express by
-        # leaving the field out.
-        if route.protocol in tunable.protocols and not (key in ("dial_timeout", "rate_limit") and not value):
+        # and rate_limit or bandwidth None for no limit, which the file can only
+        # express by leaving the field out.
+        if route.protocol in tunable.protocols and not (key in ("dial_timeout", "rate_limit", "bandwidth") and not value):
             fields[key] = _field(value)
     fields["proxy_protocol"] = _proxy_protocol(route.proxy_protocol)
     fields["acl"] = _acl(route.acl)
+    if route.sni:
+        fields["sni"] = list(route.sni)
+        fields["tls_passthrough"] = route.tls_passthrough
+    for key in ("tls", "upstream_tls"):
+        settings = getattr(route, key)
+        if settings is not None:  # the files as absolute paths; the digest is the loader's own
+            fields[key] = {
+                name: list(value) if isinstance(value, tuple) else _field(value)
+                for name, value in vars(settings).items() if value not in (None, ()) and name != "digest"
+            }
+    if route.targets:  # each target names its host and port: the listening port alone
+        del fields["host"]
+        fields["port"] = str(route.listen_port)
+        fields.update(_targets(route))
     if route.gateway is not None:  # clients name the target: no host, the listening port alone
         del fields["host"]
         fields["port"] = str(route.listen_port)
@@ -104,11 +135,51 @@ def _gateway(settings: GatewayConfig) -> dict[str, Any]:
     return fields
 
 
+def _targets(route: RouteConfig) -> dict[str, Any]:
+    """C{targets} as mappings, the balancing and check settings (a plain host with a check is a list of one)."""
+    balance, check = route.load_balance, route.healthcheck
+    fields: dict[str, Any] = {
+        "targets": [vars(spec).copy() for spec in route.targets],
+        "load_balance": {
+            "mode": balance.mode, "sticky": balance.sticky, "sticky_max_age": _duration(balance.sticky_max_age),
+        },
+        "max_fails": balance.max_fails,
+        "fail_timeout": _duration(balance.fail_timeout),
+    }
+    if check is not None:  # none: no healthcheck, or disable: true
+        fields["healthcheck"] = {
+            key: value.decode("latin-1") if isinstance(value, bytes) else _field(value)
+            for key, value in vars(check).items() if value is not None
+        }
+    return fields
+
+
+def _resolver(settings: ResolverConfig) -> dict[str, Any]:
+    """The DNS servers (none listed: the system's) and the bounds on their answers."""
+    fields: dict[str, Any] = {"servers": [join_host_port(*server) for server in settings.servers]} if settings.servers else {}
+    for key in ("dns_min_ttl", "dns_max_ttl", "dns_max_stale"):
+        fields[key] = _duration(getattr(settings, key))
+    return fields
+
+
 def _field(value: object) -> object:
     """A tunable's value as the route file writes it."""
     if isinstance(value, float):
         return _duration(value)
+    if isinstance(value, Bandwidth):
+        return _bandwidth(value)
     return _rate_limit(value) if isinstance(value, RateLimit) else value
+
+
+def _bandwidth(setting: Bandwidth) -> dict[str, Any]:
+    """Each limit as one rate where both directions share it, else as C{{up, down}}."""
+    limits: dict[str, Directions | None] = vars(setting)
+    return {
+        key: str(limit.up) if limit.up == limit.down else {
+            direction: str(rate) for direction, rate in vars(limit).items() if rate is not None
+        }
+        for key, limit in limits.items() if limit is not None
+    }
 
 
 def _rate_limit(setting: RateLimit) -> dict[str, Any]:
@@ -131,13 +202,19 @@ def _proxy_protocol(settings: ProxyProtocolConfig) -> dict[str, Any]:
 
 
 def _acl(acl: AccessList) -> dict[str, Any]:
-    """The rules as written, so that denials in the log name the same rule."""
-    return {
+    """
+    The rules as written, so that denials in the log name the same rule, and
+    the GeoIP database by its absolute path, so that the dump loads anywhere.
+    """
+    fields: dict[str, Any] = {
         "default": "allow" if acl.default_allow else "deny",
         "allow_local": acl.allow_local,
         "allow": list(acl.allow),
         "deny": list(acl.deny),
     }
+    if acl.maxmind is not None:
+        fields["maxmind"] = {"database": acl.maxmind.path}
+    return fields
 
 
 _UNITS = (("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1))

@@ -91,8 +91,30 @@ FORMATS = {
     "gateway": "route {route}: #{conn} answered {client} {status}: {reason} ({suppressed} more not logged)",
     "banned": "route {route}: #{conn} refused {client}: banned after repeated 401s ({suppressed} more not logged)",
     "rate-limited": "route {route}: refused {client}: over the {limit} rate_limit ({suppressed} more not logged)",
+    "over-bandwidth": (
+        "route {route}: #{conn} {client}: dropped a {size}-byte datagram {direction}, over the {limit}"
+        " bandwidth ({suppressed} more not logged)"
+    ),
     "status-stop": "status endpoint stopped listening on {listen}",
+    "target-down": "route {route}: target {target} down: {reason}",
+    "target-up": "route {route}: target {target} up: {reason}",
+    "target-failed": "route {route}: target {target} out for {fail_timeout:g}s: {reason}",
+    "target-recovered": "route {route}: target {target} back: a dial succeeded",
+    "targets": "route {route}: targets now [{targets}] (added [{added}], removed [{removed}])",
+    "tls-failed": "route {route}: #{conn} {client}: TLS handshake failed: {reason} ({suppressed} more not logged)",
+    "no-route": (
+        "route {route}: refused {client}: no route on {listen} takes server name {sni!r}"
+        " ({suppressed} more not logged)"
+    ),
+    "bad-hello": "route {route}: refused {client}: {reason} ({suppressed} more not logged)",
+    "hello-timeout": "route {route}: refused {client}: {reason} ({suppressed} more not logged)",
+    "full": "route {route}: refused {client} ({sni}): max_connections reached ({suppressed} more not logged)",
     "status-denied": "status endpoint: denied {client} by {rule} ({suppressed} more not logged)",
+    "dns-answer": "resolver: {host} {lookup} is {addresses} (was {previous}); next lookup in {ttl:.1f}s",
+    "dns-stale": (
+        "resolver: {host} {lookup}: {reason}; still using {addresses}, for up to {max_stale:g}s past their TTL"
+    ),
+    "dns-none": "resolver: {host} {lookup} has no address: {reason}",
 }
 
 #: What an observer holds for a reader that has fallen behind: about 1 MiB of

@@ -40,7 +40,7 @@ from .proxyproto.info import ProxyInfo
 from .proxyproto.parser import Detection, detect, parse
 from .stats import RouteStats
 
-__all__ = ["Expect", "ProxyHeaderFactory", "ProxyHeaderProtocol", "expectation"]
+__all__ = ["Expect", "ProxyHeaderFactory", "ProxyHeaderProtocol", "expectation", "received_header"]
 
 
 class Expect(Enum):
@@ -228,3 +228,15 @@ class ProxyHeaderFactory(ServerFactory):
         for protocol in list(self.pending):
             protocol.stop_waiting()
             protocol.transport.abortConnection()
+
+
+def received_header(transport: object) -> ProxyInfo | None:
+    """
+    The inbound PROXY header a connection came with, if any: found below the
+    layers a pair's transport may be wrapped in (a ClientHello peek, TLS).
+    """
+    while transport is not None:
+        if isinstance(transport, ProxyHeaderProtocol):
+            return transport.info
+        transport = getattr(transport, "transport", None)
+    return None

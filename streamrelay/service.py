@@ -30,21 +30,24 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, cast
+from typing import Any, Callable, Mapping, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import Binding, IAddress, IListeningPort, IReactorFromThreads
+from twisted.internet.interfaces import Binding, IAddress, IListeningPort, IProtocolFactory, IReactorFromThreads
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.tcp import makeBinding
 from twisted.logger import LogLevel
+from zope.interface import implementer
 
 from . import events
 from .addresses import join_host_port
+from .bandwidth import Shaper
 from .compat import LimitedPort, adopt_limited, inherited_sockets, listen_limited
 from .config import Config, ConfigError, RouteConfig, load_config
+from .dnscache import DNSCache
 from .events import RefusalLog, RouteEvents
 from .hooks import NO_HOOKS, Hooks, hooks_for
 from .inbound import ProxyHeaderFactory
@@ -53,13 +56,15 @@ from .lifecycle import Input
 from .ratelimit import RateLimiter
 from .stats import RouteStats
 from .status import StatusService
-from .tcp import Pair, RelayFactory, splicing
-from .udp import MAX_DATAGRAM, DatagramRelay
+from .sni import Membership, SharedPort
+from .targets import TargetPool
+from .tcp import Pair, RelayFactory, TLSTerminator, splicing
+from .udp import MAX_DATAGRAM, DatagramRelay, Door
 
 __all__ = ["RelayService", "ReloadResult", "RouteService", "StartError", "UDPRouteService", "make_service"]
 
 #: The route fields that say where a route listens: changing one needs a new socket.
-SOCKET_FIELDS = frozenset({"scheme", "bind", "listen_port", "reuse_port"})
+SOCKET_FIELDS = frozenset({"scheme", "bind", "listen_port", "port_count", "reuse_port"})
 
 
 class StartError(SystemExit):
@@ -90,29 +95,81 @@ class ReloadResult:
 Inherited = tuple[int, socket.AddressFamily]
 
 
-def inherited_socket(route: RouteConfig) -> Inherited | None:
+def inherited_socket(route: RouteConfig, number: int) -> Inherited | None:
     """
-    The descriptor and address family of the socket systemd passed with
-    C{FileDescriptorName=} the route's name, made non-blocking as Twisted
-    needs; C{None} if there is none.  A socket of another type or family than
-    the route's scheme says is a L{StartError}.
+    The descriptor and address family of the socket systemd passed for port
+    C{number} of C{route}, made non-blocking as Twisted needs; C{None} if
+    there is none.  Its C{FileDescriptorName=} is the route's name, or on a
+    route with a port range C{NAME@PORT} (systemd allows no colon in a name),
+    and it must be bound to that port.  A socket of another type or family
+    than the route's scheme says is a L{StartError}.
     """
-    fd = inherited_sockets().get(route.name)
+    name = route.name if route.port_count == 1 else f"{route.name}@{number}"
+    fd = inherited_sockets().get(name)
     if fd is None:
         return None
+    families = {4: (socket.AF_INET,), 6: (socket.AF_INET6,), None: (socket.AF_INET, socket.AF_INET6)}
     with socket.socket(fileno=os.dup(fd)) as sock:
         family, kind = sock.family, sock.type
         listening = kind != socket.SOCK_STREAM or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        bound = sock.getsockname()[1] if family in families[None] else None
     wanted = socket.SOCK_STREAM if route.protocol == "tcp" else socket.SOCK_DGRAM
-    families = {4: (socket.AF_INET,), 6: (socket.AF_INET6,), None: (socket.AF_INET, socket.AF_INET6)}
     if kind != wanted or family not in families[route.family] or not listening:
         what = f"{'' if listening else 'non-listening '}{family.name} {kind.name}"
-        raise StartError(
-            f"streamrelay: route {route.name!r}: the socket systemd passed as {route.name!r} is {what},"
-            f" which scheme {route.scheme} cannot use"
-        )
-    os.set_blocking(fd, False)
-    return fd, family
+        problem = f"is {what}, which scheme {route.scheme} cannot use"
+    elif route.port_count > 1 and bound != number:
+        problem = f"is bound to port {bound}"
+    else:
+        os.set_blocking(fd, False)
+        return fd, family
+    raise StartError(f"streamrelay: route {route.name!r}: the socket systemd passed as {name!r} {problem}")
+
+
+@implementer(IListeningPort)
+class PortGroup:
+    """
+    The ports of a route with a port range, as one: bound together (by
+    L{_ListeningService.bind}) and closed together, and on a TCP route
+    paused and resumed together, so that C{max_connections} counts
+    connections across the range.
+    """
+
+    def __init__(self, ports: list[IListeningPort]) -> None:
+        self.ports = ports
+        self.reading = True
+
+    def getHost(self) -> IAddress:
+        """The first port's address."""
+        return self.ports[0].getHost()
+
+    def startListening(self) -> None:
+        """Every port listens already."""
+
+    def stopListening(self) -> Deferred[None]:
+        closing = [maybeDeferred(port.stopListening) for port in self.ports]
+        return DeferredList(closing).addCallback(lambda _: None)
+
+    def startReading(self) -> None:
+        """
+        Accept on every port again; only if paused, as every connection
+        that opens or closes under C{max_connections} calls this or
+        L{stopReading}.
+        """
+        if not self.reading:
+            self.reading = True
+            for port in self.ports:
+                cast(LimitedPort, port).startReading()
+
+    def stopReading(self) -> None:
+        """Leave newcomers in every port's backlog."""
+        if self.reading:
+            self.reading = False
+            for port in self.ports:
+                cast(LimitedPort, port).stopReading()
+
+    def set_backlog(self, backlog: int) -> None:
+        for port in self.ports:
+            cast(LimitedPort, port).set_backlog(backlog)
 
 
 class _ListeningService(Service):
@@ -122,7 +179,10 @@ class _ListeningService(Service):
     C{startService} under a parent without a privileged phase).
     """
 
-    def __init__(self, route: RouteConfig, reactor: IRelayReactor, previous: _ListeningService | None = None) -> None:
+    def __init__(
+        self, route: RouteConfig, reactor: IRelayReactor, previous: _ListeningService | None = None,
+        dns: DNSCache | None = None,
+    ) -> None:
         self.name = f"route:{route.name}"
         self.route = route
         self.reactor = reactor
@@ -134,6 +194,12 @@ class _ListeningService(Service):
             self.refusals, self.stats = previous.refusals, previous.stats
         #: The C{rate_limit} buckets, kept while the setting stays the same (L{limiter_for}).
         self.limiter: RateLimiter | None = None if previous is None else previous.limiter
+        #: The C{bandwidth} buckets, likewise (L{shaper_for}).
+        self.shaper: Shaper | None = None if previous is None else previous.shaper
+        #: Where host-name targets are resolved: the relay's cache, shared by its routes.
+        self.dns = dns if dns is not None else DNSCache(reactor)
+        #: The route's several targets (L{pool_for}); kept across reloads, its checks' state with it.
+        self.pool: TargetPool | None = None
         self.port: IListeningPort | None = None
         #: Set when a reload removed the route: stopping then lets its connections finish.
         self.retired = False
@@ -143,8 +209,8 @@ class _ListeningService(Service):
         """The hooks new connections get."""
         raise NotImplementedError
 
-    def listen(self, route: RouteConfig, inherited: Inherited | None) -> IListeningPort:
-        """Adopt the C{inherited} socket, else bind the route's address (C{CannotListenError})."""
+    def listen(self, route: RouteConfig, number: int, inherited: Inherited | None) -> IListeningPort:
+        """Adopt the C{inherited} socket, else bind port C{number} of the route (C{CannotListenError})."""
         raise NotImplementedError
 
     def update(self, route: RouteConfig, hooks: Hooks) -> None:
@@ -157,22 +223,38 @@ class _ListeningService(Service):
 
     def bind(self, route: RouteConfig, events: RouteEvents) -> IListeningPort:
         """
-        Open a port for C{route} and log C{start} with C{events}, saying
-        whether systemd passed the socket; L{StartError} if it cannot.
+        Open the port of C{route} (or every port of its range, as a
+        L{PortGroup}) and log C{start} with C{events}, saying whether systemd
+        passed the sockets (and on a range how many); L{StartError} naming the
+        port that cannot be opened, once those opened before it are closed.
         """
-        inherited = inherited_socket(route)
+        ports: list[IListeningPort] = []
+        adopted = 0
         try:
-            port = self.listen(route, inherited)
-        except CannotListenError as e:
-            raise StartError(
-                f"streamrelay: route {route.name!r}: cannot listen on {route.protocol} "
-                f"{route.listen}: {e.socketError}"
-            ) from None
-        host = port.getHost()
+            for number in route.listen_ports:
+                inherited = inherited_socket(route, number)
+                try:
+                    ports.append(self.listen(route, number, inherited))
+                except CannotListenError as e:
+                    raise StartError(
+                        f"streamrelay: route {route.name!r}: cannot listen on {route.protocol} "
+                        f"{join_host_port(route.bind, number)}: {e.socketError}"
+                    ) from None
+                adopted += inherited is not None
+        except BaseException:
+            for port in ports:
+                port.stopListening()
+            raise
+        host = ports[0].getHost()
         assert isinstance(host, (IPv4Address, IPv6Address))  # a TCP or UDP port's
-        events.set_listen(join_host_port(host.host, host.port))
-        events.info("start", inherited=inherited is not None)
-        return port
+        listen = join_host_port(host.host, host.port)
+        if len(ports) == 1:
+            events.set_listen(listen)
+            events.info("start", inherited=adopted > 0)
+            return ports[0]
+        events.set_listen(f"{listen}-{route.listen_ports[-1]}")
+        events.info("start", inherited=adopted > 0, adopted=adopted)
+        return PortGroup(ports)
 
     def open(self) -> None:
         """Open the route's port, unless it is open already."""
@@ -219,6 +301,30 @@ class _ListeningService(Service):
             self.limiter = RateLimiter(setting, self.reactor.seconds)
         return self.limiter
 
+    def shaper_for(self, route: RouteConfig) -> Shaper | None:
+        """The buckets for C{route}'s C{bandwidth}, kept or renewed as L{limiter_for} does."""
+        setting = route.bandwidth
+        if setting is None or self.shaper is None or self.shaper.setting != setting:
+            self.shaper = None if setting is None else Shaper(setting, self.reactor)
+        return self.shaper
+
+    def pool_for(self, route: RouteConfig, events: RouteEvents) -> TargetPool | None:
+        """The pool for C{route}'s C{targets}: the one in force, reconfigured; none without targets."""
+        if not route.targets:
+            self.stop_pool()
+            return None
+        if self.pool is None:
+            self.pool = TargetPool(route, self.reactor, events, self.dns)
+        else:
+            self.pool.events = events
+            self.pool.configure(route)
+        return self.pool
+
+    def stop_pool(self) -> Deferred[None]:
+        """End the pool's checks; fires once none is in flight."""
+        pool, self.pool = self.pool, None
+        return pool.stop() if pool is not None else succeed(None)
+
     def events_on_this_socket(self, route: RouteConfig) -> RouteEvents:
         """Events for C{route}'s new settings, on the address already bound."""
         new = RouteEvents(route)
@@ -239,11 +345,51 @@ class _Entrance(ServerFactory):
     """
 
     noisy = False
-    #: The newest generation's PROXY header factory, else its relay factory.
-    front: RelayFactory | ProxyHeaderFactory
+    #: The newest generation's PROXY header factory, else its TLS layer's, else its relay factory.
+    front: RelayFactory | ProxyHeaderFactory | TLSTerminator
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return self.front.buildProtocol(addr)
+
+
+def _unlimited() -> int:
+    return sys.maxsize
+
+
+class SharedPorts:
+    """The ports that routes share by C{sni}, by address, while some route uses each."""
+
+    def __init__(self, reactor: IRelayReactor) -> None:
+        self.reactor = reactor
+        self.ports: dict[tuple[str, int], SharedPort] = {}
+
+    def join(
+        self, service: RouteService, route: RouteConfig, inherited: Inherited | None,
+        listen: Callable[[RouteConfig, Inherited | None, IProtocolFactory, Callable[[], int]], LimitedPort],
+    ) -> Membership:
+        """
+        Join the routes on C{route}'s address; the first one opens the port,
+        behind an inbound PROXY header reader if the routes read one.
+        """
+        key = (route.bind, route.listen_port)
+        shared = self.ports.get(key)
+        if shared is None:
+            shared = SharedPort(key, self.reactor, self.forget)
+
+        def bind() -> LimitedPort:
+            entrance: IProtocolFactory = shared.router
+            if route.proxy_protocol.mode != "disabled":
+                entrance = ProxyHeaderFactory(entrance, route.proxy_protocol, service.refusals, self.reactor, service.stats)
+                shared.headers = entrance
+            return listen(route, inherited, entrance, _unlimited)  # max_connections: per route, by the router
+
+        membership = shared.join(service, bind)
+        self.ports[key] = shared
+        return membership
+
+    def forget(self, shared: SharedPort) -> None:
+        if self.ports.get(shared.key) is shared:
+            del self.ports[shared.key]
 
 
 class RouteService(_ListeningService):
@@ -258,10 +404,13 @@ class RouteService(_ListeningService):
 
     def __init__(
         self, route: RouteConfig, shutdown_timeout: float, reactor: IRelayReactor, hooks: Hooks = NO_HOOKS,
-        previous: _ListeningService | None = None,
+        previous: _ListeningService | None = None, shared_ports: SharedPorts | None = None,
+        dns: DNSCache | None = None,
     ) -> None:
-        super().__init__(route, reactor, previous)
+        super().__init__(route, reactor, previous, dns)
         self.shutdown_timeout = shutdown_timeout
+        #: Where routes that share an address by C{sni} find each other.
+        self.shared_ports = shared_ports if shared_ports is not None else SharedPorts(reactor)
         self.per_client: dict[str, int] = {}
         #: Oldest first; the last is the one new connections get.
         self.generations: list[tuple[RelayFactory, ProxyHeaderFactory | None]] = []
@@ -285,16 +434,21 @@ class RouteService(_ListeningService):
         """Start a generation with these settings; generations left without connections go."""
         factory = RelayFactory(route, events, self.refusals, self.reactor, hooks, self.stats, self.per_client)
         factory.limiter = self.limiter_for(route)
+        factory.shaper = self.shaper_for(route)
+        factory.pool = self.pool_for(route, events)
+        front: RelayFactory | TLSTerminator = factory if route.tls is None else TLSTerminator(factory)
         headers = None
-        if route.proxy_protocol.mode != "disabled":
-            headers = ProxyHeaderFactory(factory, route.proxy_protocol, self.refusals, self.reactor, self.stats)
+        if route.proxy_protocol.mode != "disabled" and not route.sni:  # a shared port reads it before the name
+            headers = ProxyHeaderFactory(front, route.proxy_protocol, self.refusals, self.reactor, self.stats)
         self.generations = [
             (old, old_headers) for old, old_headers in self.generations
             if old.pairs or (old_headers is not None and old_headers.pending)
         ]
         self.generations.append((factory, headers))
-        self.entrance.front = factory if headers is None else headers
+        self.entrance.front = front if headers is None else headers
         self.switch(route, events)
+        if isinstance(self.port, Membership):
+            self.port.shared.router.rebuild()  # the route's names may have changed
         if route.max_connections:
             for relay, pending in self.generations:
                 relay.changed = self.connections_changed
@@ -326,18 +480,31 @@ class RouteService(_ListeningService):
         else:
             port.stopReading()  # type: ignore[attr-defined]
 
-    def listen(self, route: RouteConfig, inherited: Inherited | None) -> LimitedPort:
+    def listen(self, route: RouteConfig, number: int, inherited: Inherited | None) -> LimitedPort | Membership:
+        if route.sni:
+            return self.shared_ports.join(self, route, inherited, self.listen_alone)
+        return self.listen_alone(route, inherited, self.entrance, self.room, number)
+
+    def listen_alone(
+        self, route: RouteConfig, inherited: Inherited | None, entrance: IProtocolFactory, room: Callable[[], int],
+        number: int | None = None,
+    ) -> LimitedPort:
+        """
+        Open a port of the route's own (or the one routes sharing it by
+        C{sni} use): port C{number} of a range, else the route's one port.
+        """
         if inherited is not None:
-            port = adopt_limited(self.reactor, *inherited, self.entrance, self.room)
+            port = adopt_limited(self.reactor, *inherited, entrance, room)
             port.set_backlog(route.backlog)
             return port
-        address: int | Binding = route.listen_port
+        listen_port = route.listen_port if number is None else number
+        address: int | Binding = listen_port
         if route.reuse_port:
-            address = makeBinding(route.bind, route.listen_port, reuseAddress=True, reusePort=True)
-        return listen_limited(self.reactor, address, self.entrance, self.room, route.backlog, route.bind)
+            address = makeBinding(route.bind, listen_port, reuseAddress=True, reusePort=True)
+        return listen_limited(self.reactor, address, entrance, room, route.backlog, route.bind)
 
     def update(self, route: RouteConfig, hooks: Hooks) -> None:
-        if isinstance(self.port, LimitedPort) and route.backlog != self.route.backlog:
+        if isinstance(self.port, (LimitedPort, PortGroup)) and route.backlog != self.route.backlog:
             self.port.set_backlog(route.backlog)
         self.configure(route, hooks, self.events_on_this_socket(route))
 
@@ -360,9 +527,12 @@ class RouteService(_ListeningService):
         if not self.retired:
             self.shut_down()
         factories = [factory for factory, _ in self.generations]
-        return self.settle(factories, stopped, "drain timeout" if self.retired else "shutdown timeout")
+        settled = self.settle(factories, stopped, "drain timeout" if self.retired else "shutdown timeout")
+        return settled.addCallback(lambda _: self.stop_pool())
 
     def shut_down(self) -> None:
+        if isinstance(self.port, Membership):
+            self.port.shared.close_pending()
         for _, headers in self.generations:
             if headers is not None:
                 headers.close_pending()
@@ -404,37 +574,42 @@ class UDPRouteService(_ListeningService):
 
     def __init__(
         self, route: RouteConfig, reactor: IRelayReactor, hooks: Hooks = NO_HOOKS,
-        previous: _ListeningService | None = None,
+        previous: _ListeningService | None = None, dns: DNSCache | None = None,
     ) -> None:
-        super().__init__(route, reactor, previous)
+        super().__init__(route, reactor, previous, dns)
         self.relay = DatagramRelay(route, self.events, self.refusals, reactor, hooks, self.stats)
         self.relay.limiter = self.limiter_for(route)
+        self.relay.shaper = self.shaper_for(route)
+        self.relay.pool = self.pool_for(route, self.events)
 
     @property
     def hooks(self) -> Hooks:
         return self.relay.hooks
 
-    def listen(self, route: RouteConfig, inherited: Inherited | None) -> IListeningPort:
+    def listen(self, route: RouteConfig, number: int, inherited: Inherited | None) -> IListeningPort:
+        protocol = self.relay if route.port_count == 1 else Door(self.relay, number)
         if inherited is not None:
-            return self.reactor.adoptDatagramPort(*inherited, self.relay, maxPacketSize=MAX_DATAGRAM)
+            return self.reactor.adoptDatagramPort(*inherited, protocol, maxPacketSize=MAX_DATAGRAM)
         if not route.reuse_port:
-            return self.reactor.listenUDP(route.listen_port, self.relay, interface=route.bind, maxPacketSize=MAX_DATAGRAM)
+            return self.reactor.listenUDP(number, protocol, interface=route.bind, maxPacketSize=MAX_DATAGRAM)
         # Twisted's listenUDP cannot set SO_REUSEPORT: bind a socket and adopt it.
         family = socket.AF_INET6 if ":" in route.bind else socket.AF_INET
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((route.bind, route.listen_port))
+                sock.bind((route.bind, number))
             except OSError as e:
-                raise CannotListenError(route.bind, route.listen_port, e) from None
+                raise CannotListenError(route.bind, number, e) from None
             sock.setblocking(False)
-            return self.reactor.adoptDatagramPort(sock.fileno(), family, self.relay, maxPacketSize=MAX_DATAGRAM)
+            return self.reactor.adoptDatagramPort(sock.fileno(), family, protocol, maxPacketSize=MAX_DATAGRAM)
 
     def update(self, route: RouteConfig, hooks: Hooks) -> None:
         self.switch(route, self.events_on_this_socket(route))
         self.relay.configure(route, self.events, hooks)
         self.relay.limiter = self.limiter_for(route)
+        self.relay.shaper = self.shaper_for(route)
+        self.relay.pool = self.pool_for(route, self.events)
 
     def startService(self) -> None:
         super().startService()
@@ -449,7 +624,7 @@ class UDPRouteService(_ListeningService):
 
     def stopService(self) -> Deferred[list[tuple[bool, None]]]:
         super().stopService()
-        waiting = [self.stop_listening()] + self.relay.close_all("reload" if self.retired else "shutdown")
+        waiting = [self.stop_listening(), self.stop_pool()] + self.relay.close_all("reload" if self.retired else "shutdown")
         return DeferredList([d for d in waiting if d is not None])
 
     def shut_down(self) -> None:
@@ -479,6 +654,13 @@ class RelayService(MultiService):
         #: Services of removed routes whose connections are still finishing, and the Deferred that says when.
         self.retiring: dict[_ListeningService, Deferred[object]] = {}
         self.reloading = DeferredLock()
+        self.shared_ports = SharedPorts(reactor)
+        self.dns_settings = resolver = config.resolver
+        #: Host-name targets' addresses, for every route; its settings need a restart to change.
+        self.dns = DNSCache(
+            reactor, resolver.servers or None, min_ttl=resolver.dns_min_ttl, max_ttl=resolver.dns_max_ttl,
+            max_stale=resolver.dns_max_stale,
+        )
         self.previous_sighup: Any = None
         self.catching_sighup = False
         for route in config.routes:
@@ -490,8 +672,8 @@ class RelayService(MultiService):
         self, route: RouteConfig, hooks: Hooks, shutdown_timeout: float, previous: _ListeningService | None = None,
     ) -> _ListeningService:
         if route.protocol == "tcp":
-            return RouteService(route, shutdown_timeout, self.reactor, hooks, previous)
-        return UDPRouteService(route, self.reactor, hooks, previous)
+            return RouteService(route, shutdown_timeout, self.reactor, hooks, previous, self.shared_ports, self.dns)
+        return UDPRouteService(route, self.reactor, hooks, previous, self.dns)
 
     def routes(self) -> list[_ListeningService]:
         """The services of the routes in force."""
@@ -522,7 +704,7 @@ class RelayService(MultiService):
         for service in list(self.retiring):  # a service that finishes at once leaves the dict
             service.shut_down()
         stopping: Deferred[object] = super().stopService()
-        return DeferredList([stopping, *self.retiring.values()])
+        return DeferredList([stopping, *self.retiring.values()]).addCallback(lambda _: self.dns.stop())
 
     # -- reloading
 
@@ -604,7 +786,7 @@ class RelayService(MultiService):
                 fields = route_changes(service.route, route) + (("hooks",) if service.hooks != route_hooks else ())
                 if not fields:
                     unchanged.append(route.name)
-                elif SOCKET_FIELDS.isdisjoint(fields):
+                elif SOCKET_FIELDS.isdisjoint(fields) and bool(route.sni) == bool(service.route.sni):
                     service.update(route, route_hooks)
                 elif isinstance(service, RouteService) and route.protocol == "tcp":
                     service.rebind(route, route_hooks)
@@ -619,8 +801,11 @@ class RelayService(MultiService):
                 service.shutdown_timeout = config.shutdown_timeout
         result = ReloadResult(
             tuple(added), removed, changed, tuple(unchanged), failed,
-            ("status",) if config.status != self.status_in_force else (),
+            tuple(name for name, same in (
+                ("status", config.status == self.status_in_force), ("resolver", config.resolver == self.dns_settings),
+            ) if not same),
         )
+        self.dns.retain({(spec.host, route.family) for route in config.routes for spec in route.targets})
         self.config, self.hooks, self.loaded_at = config, hooks, time.time()
         self.reloads["failed" if failed else "succeeded"] += 1
         events.emit(

@@ -17,6 +17,11 @@ only while bytes are in it; empty pipes wait in a L{PipePool} for the next
 flow, never more of them than there are spliced pairs.  An idle pair holds
 its two sockets and nothing else.
 
+Under a route's C{bandwidth} a flow asks its L{Meter} how many bytes it may
+move before each read, and reads no more; when the answer is 0 it stops
+reading its source until the buckets have refilled (a timer), so the bytes
+moved per tick are bounded and nothing waits in the process meanwhile.
+
 Twisted's transports stay attached to their protocols but detached from the
 reactor (not reading, not writing, write buffers empty) until the end, when
 each gets its socket back through its own C{connectionLost}, which closes the
@@ -37,10 +42,17 @@ from typing import Callable
 
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IReactorFDSet, IReadWriteDescriptor
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IReactorFDSet,
+    IReadWriteDescriptor,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .bandwidth import Meter
 from .compat import hand_back
 from .hangups import HangupWatch, watch_for
 
@@ -60,6 +72,8 @@ COPY_SIZE = 1 << 14
 MAX_SPARE_PIPES = 64
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _SIOCATMARK = 0x8905  # Linux <asm-generic/sockios.h>; Python does not name it
+#: What an unlimited flow may read at once, as far as a meter is concerned: everything.
+_UNLIMITED = 1 << 62
 
 #: Called with the protocol whose socket the bytes were read from, and how many.
 Moved = Callable[[IProtocol, int], None]
@@ -166,6 +180,10 @@ class Splice:
             end.connection.stopWriting()
         for end in self.ends.values():
             end.outgoing.flush()  # the preamble, if any; otherwise starts reading
+
+    def limit(self, protocol: IProtocol, meter: Meter) -> None:
+        """Bound what is read from C{protocol}'s socket by C{meter} (before L{start})."""
+        self.ends[protocol].outgoing.meter = meter
 
     def close(self, protocol: IProtocol) -> None:
         """Close C{protocol}'s socket once what is in flight towards it is written."""
@@ -293,39 +311,48 @@ class _Flow:
         self.piped = 0  # bytes that went through a pipe, for the curious
         self.open = True  # the source may still be read
         self.fin = False  # a FIN is due to the sink once nothing is in flight
+        self.meter: Meter | None = None  # the route's bandwidth, if it limits this direction
+        self.refill: IDelayedCall | None = None  # set while over it: when to read again
 
     def fill(self) -> None:
-        """The source is readable: move what it has towards the sink."""
+        """The source is readable: move what it has (and the bandwidth allows) towards the sink."""
         if not self.open:
             return  # an event polled before the flow stopped
+        meter = self.meter
+        budget = _UNLIMITED if meter is None else meter.allowance()
+        if not budget:
+            self.wait()
+            return
         try:
-            count = self.splice_in() if self.splicing else self.copy_in()
+            count = self.splice_in(budget) if self.splicing else self.copy_in(budget)
         except BlockingIOError:
             return
         except OSError as e:
             self.splice.lost(self.source, Failure(ConnectionLost(e.strerror)))
             return
         if count:
+            if meter is not None:
+                meter.take(count)
             self.splice.moved(self.source.protocol, count)
             self.flush()
         else:
             self.finish()
 
-    def copy_in(self) -> int:
-        """Read into the process: how many bytes, 0 at the source's FIN."""
-        data = self.source.socket.recv(COPY_SIZE)
+    def copy_in(self, budget: int) -> int:
+        """Read into the process, at most C{budget} bytes: how many, 0 at the source's FIN."""
+        data = self.source.socket.recv(min(COPY_SIZE, budget))
         self.unsent = data
         self.splicing = len(data) == COPY_SIZE
         return len(data)
 
-    def splice_in(self) -> int:
-        """Move what the source has into a pipe: how many bytes, 0 at its FIN."""
+    def splice_in(self, budget: int) -> int:
+        """Move what the source has into a pipe, at most C{budget} bytes: how many, 0 at its FIN."""
         try:
             pipe = self.pipe = self.pipe or self.splice.pipes.take()
         except OSError:  # no descriptor left for a pipe: copy instead
-            return self.copy_in()
+            return self.copy_in(budget)
         try:
-            count = os.splice(self.source.fd, pipe.write_fd, pipe.size, flags=_FLAGS)
+            count = os.splice(self.source.fd, pipe.write_fd, min(pipe.size, budget), flags=_FLAGS)
         except BlockingIOError:
             # splice(2) stops for good at TCP urgent data; recv steps over it,
             # and drops the urgent byte as the default path does (no SO_OOBINLINE).
@@ -337,7 +364,7 @@ class _Flow:
             self.splicing = False
             if not count:
                 self.give_back()
-                return self.copy_in()  # the FIN, or what follows the urgent mark
+                return self.copy_in(budget)  # the FIN, or what follows the urgent mark
         self.pending = count
         self.piped += count
         return count
@@ -378,7 +405,19 @@ class _Flow:
                 self.sink.socket.shutdown(socket.SHUT_WR)
             except OSError:
                 pass  # the reset, if any, surfaces on the next read
-        elif self.open:
+        elif self.open and self.refill is None:
+            self.source.read(True)
+
+    def wait(self) -> None:
+        """Over the bandwidth: stop reading the source until the meter's buckets have refilled."""
+        assert self.meter is not None
+        self.source.read(False)
+        self.refill = self.meter.later(self.refilled)
+
+    def refilled(self) -> None:
+        """Read again; L{fill} asks the meter anew (shared buckets may be empty again)."""
+        self.refill = None
+        if self.open:
             self.source.read(True)
 
     def give_back(self) -> None:
@@ -399,6 +438,9 @@ class _Flow:
         """Never read the source again."""
         self.open = False
         self.source.read(False)
+        if self.refill is not None:
+            self.refill.cancel()
+            self.refill = None
 
 
 def _at_urgent_mark(fd: int) -> bool:

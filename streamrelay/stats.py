@@ -61,7 +61,7 @@ class RouteStats:
 
 
 def dial_failure_kind(reason: Failure) -> str:
-    """A dial failure's kind, for counting: refused, timeout, unreachable, resolve or error."""
+    """A dial failure's kind, for counting: refused, timeout, unreachable, resolve or error (C{tls}: L{streamrelay.tcp})."""
     if reason.check(ConnectionRefusedError):
         return "refused"
     if reason.check(TimeoutError, TCPTimedOutError):

@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Collection, Iterable, Iterator
-from itertools import islice
+from itertools import chain, islice
 from typing import TYPE_CHECKING, Any, Union
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -45,6 +45,7 @@ from .events import Throttle
 from .inbound import ProxyHeaderProtocol
 from .interfaces import IRelayReactor
 from .paths import SplicePath
+from .targets import TargetPool
 from .tcp import Pair
 from .udp import Session
 
@@ -189,7 +190,23 @@ def route_snapshot(route: AnyRoute, now: float, limit: int) -> dict[str, Any]:
         "name": config.name, "protocol": config.protocol, "scheme": config.scheme,
         "listen": route.events.fields["listen"], "listening": route.port is not None, "target": config.dst,
         "settings": settings, "active": active, "connections": connections,
+        "targets": [] if route.pool is None else targets_snapshot(route.pool, now),
     }
+
+
+def targets_snapshot(pool: TargetPool, now: float) -> list[dict[str, Any]]:
+    """A route's several targets, primaries then backups: health, load, and the last failure."""
+    balancer = pool.balancer
+    return [
+        {
+            "target": join_host_port(target.host, target.port), "weight": target.weight, "backup": target.backup,
+            "up": target.up, "eligible": balancer.eligible(target), "active": target.active,
+            "picked": target.picked, "failures": target.failures,
+            "last_check": None if target.last_check is None else round(now - target.last_check, 3),
+            "last_error": target.last_error,
+        }
+        for target in balancer.targets
+    ]
 
 
 def live_pairs(route: service.RouteService) -> Collection[Pair]:
@@ -259,7 +276,9 @@ def address_text(address: IAddress) -> str:
 REFUSAL_KINDS = {
     "tcp": {
         "denied": "acl", "limited": "per-client", "rejected": "proxy-header", "refused": "hook",
-        "gateway": "gateway-line", "banned": "gateway-ban", "rate-limited": "rate",
+        "gateway": "gateway-line", "banned": "gateway-ban", "rate-limited": "rate", "tls-failed": "tls-handshake",
+        "no-route": "sni-no-route", "bad-hello": "sni-bad-hello", "hello-timeout": "sni-hello-timeout",
+        "full": "sni-full",
     },
     "udp": {"denied": "acl", "limited": "limit", "refused": "hook", "rate-limited": "rate"},
 }
@@ -285,6 +304,10 @@ ROUTE_METRICS: tuple[tuple[str, str, bool, str | None], ...] = (
     ("datagrams_down", "Datagrams from targets", True, None),
     ("datagrams_dropped", "Datagrams that could not be sent", True, None),
     ("datagrams_oversized", "Datagrams dropped as too large with the outbound PROXY header", True, None),
+    ("target_up", "1 while the target may get connections (checks say up, not out after max_fails), else 0", False,
+     "target"),
+    ("target_active", "Pairs (UDP: sessions) open or dialing to the target", False, "target"),
+    ("target_failures", "Failed dials (UDP: unreachable sessions) to the target", True, "target"),
 )
 
 #: A sample of a per-route family: its name, its value, its extra label's value.
@@ -307,7 +330,7 @@ class RelayCollector(Collector):
         for route in self.status.routes():
             labels = [route.route.name, route.route.protocol]
             samples = tcp_samples(route) if isinstance(route, service.RouteService) else udp_samples(route)
-            for name, value, extra in samples:
+            for name, value, extra in chain(samples, target_samples(route)):
                 families[name].add_metric(labels if extra is None else [*labels, extra], value)
         yield from families.values()
         relay = self.status.relay
@@ -331,6 +354,18 @@ def refusal_samples(route: AnyRoute) -> Iterator[Sample]:
     counts = route.refusals.counts
     for action, kind in REFUSAL_KINDS[route.route.protocol].items():
         yield "refused", counts.get(action, 0), kind
+
+
+def target_samples(route: AnyRoute) -> Iterator[Sample]:
+    """Each of a route's several targets: eligible or not, its load, its failed dials."""
+    if route.pool is None:
+        return
+    balancer = route.pool.balancer
+    for target in balancer.targets:
+        name = join_host_port(target.host, target.port)
+        yield "target_up", balancer.eligible(target), name
+        yield "target_active", target.active, name
+        yield "target_failures", target.failures, name
 
 
 def tcp_samples(route: service.RouteService) -> Iterator[Sample]:
@@ -522,7 +557,7 @@ def render_page(snapshot: dict[str, Any]) -> str:
              _settings(route["settings"]))
         for route in routes
     )
-    sections = "".join(_connections(route) for route in routes)
+    sections = "".join(_targets(route) + _connections(route) for route in routes)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="{PAGE_REFRESH}">
@@ -534,6 +569,27 @@ def render_page(snapshot: dict[str, Any]) -> str:
 <table><tr><th>Route</th><th>Protocol</th><th>Listen</th><th>Target</th><th>State</th><th>Live</th>
 <th>Settings</th></tr>{rows}</table>{sections}</body></html>
 """
+
+
+def _targets(route: dict[str, Any]) -> str:
+    """
+    A route's several targets: C{up}, C{down} (its active checks failed)
+    or C{out} (after C{max_fails} failed dials), its load and last failure.
+    """
+    targets = route["targets"]
+    if not targets:
+        return ""
+    rows = "".join(
+        _row((t["target"], "addr"), (t["weight"], "num"), "backup" if t["backup"] else "primary",
+             ("up", "ok") if t["eligible"] else ("down", "bad") if not t["up"] else ("out", "bad"),
+             (t["active"], "num"), (t["picked"], "num"), (t["failures"], "num"),
+             (_seconds(t["last_check"]), "num"), t["last_error"] or "")
+        for t in targets
+    )
+    up = sum(t["eligible"] for t in targets)
+    return (f"<h2>{_text(route['name'])}: {up} of {len(targets)} targets up</h2>"
+            "<table><tr><th>Target</th><th>Weight</th><th>Role</th><th>State</th><th>Live</th><th>Picked</th>"
+            f"<th>Failed dials</th><th>Checked ago</th><th>Last error</th></tr>{rows}</table>")
 
 
 def _connections(route: dict[str, Any]) -> str:

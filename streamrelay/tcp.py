@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer
@@ -29,20 +30,27 @@ from zope.interface import implementer
 
 from . import events, splice
 from .addresses import HOLD_LIMIT, RUN_ID, describe, join_host_port
+from .bandwidth import Meter, Shaper
 from .config import RouteConfig
 from .dial import Dial, is_ip_literal, resolve
 from .events import RefusalLog, RouteEvents
 from .gateway import BAD_LINE, DIAL_FAILED, DIAL_TIMEOUT, OK, Gateway, answer
 from .hangups import HangupWatch, watch_for
 from .hooks import NO_HOOKS, ConnectionContext, Hooks, OnRead
+from .inbound import received_header
 from .interfaces import IRelayReactor, IRelayTransport
 from .lifecycle import DEADLINES, TRANSITIONS, Input, State
 from .paths import TRANSPORTS, RelayPath, SplicePath
-from .proxyproto import PP2_TYPE_UNIQUE_ID, build_v1, build_v2, unify_families
+from .proxyproto import PP2_TYPE_UNIQUE_ID, SSLInfo, build_v1, build_v2, tls_tlvs, unify_families
 from .ratelimit import RateLimiter
+from .sni import server_name
 from .stats import RouteStats, dial_failure_kind
+from .balance import Target
+from .targets import TargetPool
+from .tlscontext import client_context, server_context
+from .tlslayer import TLSFacts, TLSLayer
 
-__all__ = ["Pair", "RelayFactory", "Side"]
+__all__ = ["Pair", "RelayFactory", "Side", "TLSTerminator", "UpstreamTLS"]
 
 _connection_ids = itertools.count(1)
 
@@ -56,13 +64,21 @@ _TIMEOUT_REASONS = {
 }
 
 
+#: Why a L{Side} stops reading: the other side's transport cannot take more, ...
+BACKPRESSURE = 1
+#: ... or the side read more than its C{bandwidth} buckets allow.
+THROTTLED = 2
+
+
 @implementer(IHalfCloseableProtocol, IPushProducer)
 class Side(Protocol):
     """
     One of a pair's two connections.  It writes what it reads straight into
     C{sink}, the other side's transport, and reports the rest to its pair.
     It is also the producer the other side's transport pauses when its
-    write buffer is full.
+    write buffer is full, and under a route's C{bandwidth} it stops reading
+    itself when its C{meter} says so: two reasons to pause, each lifted on
+    its own (L{paused}).
     """
 
     transport: IRelayTransport
@@ -75,6 +91,11 @@ class Side(Protocol):
         self.eof = False
         self.lost = False
         self.watched_fd = -1  # in the hangup watch while paused
+        #: Why reading is stopped: L{BACKPRESSURE}, L{THROTTLED}, both, or 0.
+        self.paused = 0
+        #: What this side's reads are charged to under a route's C{bandwidth} (set by L{Pair.relay}).
+        self.meter: Meter | None = None
+        self.refill: IDelayedCall | None = None  # while THROTTLED: when to read again
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -91,6 +112,19 @@ class Side(Protocol):
         timer = self.pair.timer
         if timer is not None:
             timer.reset(self.pair.timer_period)
+        meter = self.meter
+        if meter is not None and not meter.charge(len(data)) and self.refill is None:
+            self.pause(THROTTLED)
+            self.refill = meter.later(self.refilled)
+
+    def refilled(self) -> None:
+        """Read again once the buckets allow, unless others emptied the shared ones meanwhile."""
+        assert self.meter is not None
+        if self.meter.delay():
+            self.refill = self.meter.later(self.refilled)
+        else:
+            self.refill = None
+            self.resume(THROTTLED)
 
     def readConnectionLost(self) -> None:
         if not self.eof:
@@ -103,18 +137,35 @@ class Side(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         self.unwatch()
+        if self.meter is not None:
+            self.meter.close()
+            if self.refill is not None:
+                self.refill.cancel()
+                self.refill = None
         self.pair.side_lost(self, reason)
 
     # -- IPushProducer, for the other side's transport
 
     def pauseProducing(self) -> None:
-        self.transport.pauseProducing()
-        self.watched_fd = self.transport.fileno()
-        self.pair.factory.watch.add(self.transport.getHandle(), self.hung_up)
+        self.pause(BACKPRESSURE)
 
     def resumeProducing(self) -> None:
-        self.unwatch()
-        self.transport.resumeProducing()
+        self.resume(BACKPRESSURE)
+
+    def pause(self, reason: int) -> None:
+        """Stop reading for C{reason}; a paused socket is watched for resets."""
+        if not self.paused:
+            self.transport.pauseProducing()
+            self.watched_fd = self.transport.fileno()
+            self.pair.factory.watch.add(self.transport.getHandle(), self.hung_up)
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        """C{reason} is gone: read again, unless the other one still holds."""
+        if self.paused == reason:
+            self.unwatch()
+            self.transport.resumeProducing()
+        self.paused &= ~reason
 
     def stopProducing(self) -> None:
         """The other side is gone: what happens to this one is the pair's decision."""
@@ -185,6 +236,11 @@ class Pair:
         self.context: ConnectionContext | None = None
         route = factory.route
         self.target_host, self.target_port = route.host, route.target_port  # a gateway's line names them
+        #: On a route with a port range: the port the client connected to, once accepted.
+        self.listen_port = 0
+        #: With several targets: the one being dialed or relayed to, and those that failed this pair.
+        self.chosen: Target | None = None
+        self.tried: list[Target] = []
         self.awaiting_line = False
         self.started = factory.reactor.seconds()
         self.done: Deferred[None] = Deferred()
@@ -268,6 +324,9 @@ class Pair:
         factory.events.debug("accept", conn=self.id, client=self.peer)
         self.arm(State.CHECKING)
         route = factory.route
+        if route.port_count > 1:
+            self.listen_port = accepted_port(self.client.transport)
+            self.target_port = route.target_port_for(self.listen_port)
         if not route.acl.permits_everything:
             decision = route.acl.check(self.client_host)
             if not decision.allowed:
@@ -291,7 +350,7 @@ class Pair:
         host = self.client.transport.getHost()
         self.context = context = ConnectionContext(
             route.name, self.id, (self.client_host, peer.port),
-            (host.host, host.port), (route.host, route.target_port),
+            (host.host, host.port), (route.host, self.target_port),
         )
         if pre_dial is None:
             self.admitted()
@@ -315,12 +374,41 @@ class Pair:
         self.feed(Input.REFUSED, detail=("refused", {"reason": f"pre_dial failed: {why}"}))
 
     def admitted(self) -> None:
-        """Through the checks: dial, once a gateway's client has named its target."""
-        if self.factory.gateway is None:
+        """
+        Through the checks: dial, once the client's TLS handshake is done
+        (its certificate checked, the facts for the PROXY header known) and
+        a gateway's client has named its target.
+        """
+        layer = self.client.transport
+        if isinstance(layer, TLSLayer) and layer.facts is None:
+            if self.timer is not None:  # the handshake has its own timeout; the dial budget starts after it
+                self.timer.cancel()
+                self.timer = None
+            self.pending = layer.handshake  # a failure comes to tls_failed instead
+            layer.handshake.addCallbacks(self.handshake_done, lambda _: None)  # or cancelled: the pair gave up
+        elif self.factory.gateway is None:
             self.feed(Input.ADMITTED)
         else:
             self.awaiting_line = True
             self.read_line()
+
+    def handshake_done(self, facts: TLSFacts) -> None:
+        self.pending = None
+        self.arm(State.CHECKING)
+        self.admitted()
+
+    def tls_failed(self, reason: str) -> None:
+        """
+        The client's handshake failed, whatever the pair was doing: the layer
+        closes the connection itself (with the alert), and the pair finishes
+        when it is gone.
+        """
+        if self.state is not State.CHECKING:
+            return  # refused already (the ACL, a limit): one refusal is logged
+        self.pending = None
+        self.refused = True
+        self.reason = "tls handshake failed"
+        self.factory.refusals.refuse("tls-failed", conn=self.id, client=self.peer, reason=reason)
 
     def read_line(self) -> None:
         """
@@ -354,8 +442,18 @@ class Pair:
     # -- actions (named in lifecycle.TRANSITIONS)
 
     def dial(self, side: None, detail: None) -> None:
-        """Resolve the target (IP literals need no Deferred), then dial it."""
+        """Resolve the target (IP literals need no Deferred), then dial it; or pick one of several."""
         route = self.factory.route
+        pool = self.factory.pool
+        if pool is not None:
+            if pool.ready.called:
+                self.dial_next(pool)
+            else:  # the first DNS answers are not in yet
+                waiting: Deferred[None] = Deferred()
+                pool.ready.addCallback(lambda _: None if waiting.called else waiting.callback(None))
+                waiting.addCallbacks(lambda _: self.dial_next(pool), lambda _: None)  # or cancelled
+                self.pending = waiting
+            return
         if is_ip_literal(self.target_host):
             self.start_dial([self.target_host])
             return
@@ -367,13 +465,64 @@ class Pair:
         factory = self.factory
         self.connecting = Dial(
             factory.reactor, addresses, self.target_port, factory.connect_timeout,
-            factory.retries, lambda: factory.side_class(self, "target"), self.dial_failed,
+            factory.retries, self.target_protocol, self.dial_failed,
         )
         self.connecting.start()
+
+    def target_protocol(self) -> Protocol:
+        """The target's side, behind a TLS layer with C{upstream_tls} (it connects once the target is verified)."""
+        factory = self.factory
+        side = factory.side_class(self, "target")
+        upstream = factory.upstream
+        if upstream is None:
+            return side
+        return TLSLayer(
+            side, upstream.context, server=False, reactor=factory.reactor, handshake_timeout=factory.connect_timeout,
+            server_name=upstream.server_name, verify=upstream.verify, on_failure=self.upstream_failed,
+        )
+
+    def upstream_failed(self, reason: str) -> None:
+        """The target's TLS handshake or certificate failed: never fall back to plaintext."""
+        self.connecting = None
+        self.feed(Input.DIAL_FAILED, detail=("tls", f"tls: {reason}"))
 
     def dial_failed(self, reason: Failure) -> None:
         self.pending = None
         self.feed(Input.DIAL_FAILED, detail=(dial_failure_kind(reason), reason.getErrorMessage()))
+
+    def dial_next(self, pool: TargetPool, last_failure: Failure | None = None) -> None:
+        """
+        Dial the target the balancer picks, one attempt each; a failed one
+        moves to another eligible target (the same one again only within
+        C{retries}) while the dial budget lasts.
+        """
+        self.pending = None
+        factory = self.factory
+        target = pool.pick(self.client_host, self.tried)
+        if target is None and len(self.tried) <= factory.retries:
+            target = pool.pick(self.client_host, [])
+        if target is None:
+            if last_failure is not None:
+                self.dial_failed(last_failure)
+            else:
+                self.feed(Input.DIAL_FAILED, detail=("no-target", "no live target"))
+            return
+        self.chosen = target
+        self.target_host, self.target_port = target.host, target.port
+        self.connecting = Dial(
+            factory.reactor, [target.host], target.port, factory.connect_timeout, 0, self.target_protocol,
+            self.target_failed,
+        )
+        self.connecting.start()
+
+    def target_failed(self, reason: Failure) -> None:
+        """One of several targets could not be reached: note it, and try another."""
+        pool, target = self.factory.pool, self.chosen
+        assert pool is not None and target is not None
+        self.connecting, self.chosen = None, None
+        pool.failed(target, reason.getErrorMessage())
+        self.tried.append(target)
+        self.dial_next(pool, reason)
 
     def refuse(self, side: None, detail: tuple[str, dict[str, Any]]) -> None:
         """
@@ -421,16 +570,21 @@ class Pair:
         self.target = target
         self.connecting = None
         factory = self.factory
+        if self.chosen is not None:
+            factory.pool.succeeded(self.chosen)  # type: ignore[union-attr]  # a chosen target has its pool
         preamble = [self.proxy_header()] if factory.route.relay_proxy_protocol_header else []
         preamble += self.held
         self.held = []
         if events.enabled(LogLevel.debug):  # getHost() is a system call
             factory.events.debug(
-                "connected", conn=self.id, client=self.peer, via=describe(target.transport.getHost())
+                "connected", conn=self.id, client=self.peer, via=describe(target.transport.getHost()),
+                **({"target": join_host_port(self.target_host, self.target_port)} if factory.pool else {}),
             )
         if self.client_paused:
             self.client_paused = False
             self.client.transport.resumeProducing()
+        if factory.shaper is not None:  # the bandwidth from now on: reads up, reads down
+            self.client.meter, target.meter = factory.shaper.open(self.client_host)
         if factory.gateway is not None:
             self.client.transport.write(answer(OK))  # the splice engine takes only empty buffers
         elif factory.splicing and not self.client.eof:
@@ -439,6 +593,9 @@ class Pair:
                 self.path = spliced
                 factory.stats.spliced += 1
                 factory.events.debug("spliced", conn=self.id, client=self.peer)
+                for side in (self.client, target):
+                    if side.meter is not None:
+                        spliced.engine.limit(side, side.meter)
         self.path.start(self.client, target, preamble)
         if self.client.eof:
             self.feed(Input.FIN, self.client)
@@ -484,11 +641,33 @@ class Pair:
                 "closed", conn=self.id, client=self.peer, reason=self.reason,
                 duration=factory.reactor.seconds() - self.started,
                 bytes_up=self.client.received, bytes_down=target_bytes, unique_id=self.unique_id,
+                **self.closed_fields(),
             )
         factory.pair_closed(self)
+        if self.chosen is not None:
+            factory.pool.done(self.chosen)  # type: ignore[union-attr]
+            self.chosen = None
         self.done.callback(None)
 
     # -- helpers
+
+    def closed_fields(self) -> dict[str, str | int]:
+        """
+        What the C{closed} event adds on some routes: the listening port of
+        a range, the target picked among several, and the ids a cloud load
+        balancer's PROXY header carried (AWS, Azure, GCP).
+        """
+        fields: dict[str, str | int] = {}
+        factory = self.factory
+        if self.listen_port:
+            fields["port"] = self.listen_port
+        if factory.pool is not None:
+            fields["target"] = join_host_port(self.target_host, self.target_port)
+        if factory.route.proxy_protocol.mode != "disabled":
+            info = received_header(self.client.transport)
+            if info is not None:
+                fields.update(info.vendor)
+        return fields
 
     def other(self, side: Side) -> Side:
         target = self.target
@@ -521,11 +700,31 @@ class Pair:
         route = self.factory.route
         if route.proxy_protocol_version == 1:
             return build_v1(source, destination)
-        tlvs = []
+        tlvs = self.tls_tlvs()
         if route.proxy_protocol_unique_id:
             self.unique_id = f"{RUN_ID}-{self.id}"
             tlvs.append((PP2_TYPE_UNIQUE_ID, self.unique_id.encode("ascii")))
         return build_v2(source, destination, tlvs=tlvs)
+
+    def tls_tlvs(self) -> list[tuple[int, bytes]]:
+        """
+        What the relay learned of the client's TLS, for the PROXY v2 header:
+        a terminated handshake's facts, or the name a passed-through
+        client asked for.
+        """
+        layer = self.client.transport
+        if not isinstance(layer, TLSLayer):
+            name = server_name(layer)
+            return tls_tlvs(authority=name, alpn=None, ssl=None) if name else []
+        facts = layer.facts
+        if facts is None:
+            return []
+        ssl = SSLInfo(
+            client_ssl=True, client_cert_conn=facts.client_cert, client_cert_sess=facts.client_cert,
+            verified=facts.client_verified, version=facts.version, cipher=facts.cipher,
+            sig_alg=facts.sig_alg, key_alg=facts.key_alg, cn=facts.client_cn,
+        )
+        return tls_tlvs(authority=facts.server_name, alpn=facts.alpn, ssl=ssl)
 
 
 class RelayFactory(ServerFactory):
@@ -538,6 +737,10 @@ class RelayFactory(ServerFactory):
     noisy = False
     #: The route's C{rate_limit} buckets, set by its service (shared with later generations).
     limiter: RateLimiter | None = None
+    #: The route's C{bandwidth} buckets, likewise.
+    shaper: Shaper | None = None
+    #: The route's several targets, set by its service; None: C{host} alone.
+    pool: TargetPool | None = None
 
     def __init__(
         self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: IRelayReactor,
@@ -553,6 +756,7 @@ class RelayFactory(ServerFactory):
         self.splicing = splicing(route, hooks)
         self.deadlines = deadlines(route, hooks)
         self.gateway = Gateway(route.gateway, reactor) if route.gateway is not None else None
+        self.upstream = UpstreamTLS.of(route)
         #: How the target is dialed: a gateway's own settings, or the route's.
         self.connect_timeout = route.gateway.timeout if route.gateway else route.connect_timeout
         self.retries = route.gateway.retry - 1 if route.gateway else route.retries
@@ -591,6 +795,44 @@ class RelayFactory(ServerFactory):
         self.changed()
 
 
+class UpstreamTLS:
+    """How a route's targets are reached over TLS: the context, and the name to send and verify."""
+
+    def __init__(self, route: RouteConfig) -> None:
+        settings = route.upstream_tls
+        assert settings is not None
+        self.context = client_context(settings)
+        self.server_name = settings.server_name or route.host
+        self.verify = settings.verify
+
+    @classmethod
+    def of(cls, route: RouteConfig) -> UpstreamTLS | None:
+        return cls(route) if route.upstream_tls is not None else None
+
+
+class TLSTerminator(ServerFactory):
+    """
+    A route's factory behind a TLS layer (C{tls}): the pair's client side
+    reads plaintext, and the pair waits for the handshake before dialing.
+    """
+
+    noisy = False
+
+    def __init__(self, relay: RelayFactory) -> None:
+        settings = relay.route.tls
+        assert settings is not None
+        self.relay = relay
+        self.context = server_context(settings)
+        self.handshake_timeout = settings.handshake_timeout
+
+    def buildProtocol(self, addr: IAddress | None) -> TLSLayer:
+        side = self.relay.buildProtocol(addr)
+        return TLSLayer(
+            side, self.context, server=True, reactor=self.relay.reactor,
+            handshake_timeout=self.handshake_timeout, on_failure=side.pair.tls_failed,
+        )
+
+
 def deadlines(route: RouteConfig, hooks: Hooks) -> dict[State, float]:
     """
     Each state's deadline on this route, in seconds (0: none).  Where nothing
@@ -602,7 +844,10 @@ def deadlines(route: RouteConfig, hooks: Hooks) -> dict[State, float]:
     if route.gateway is not None:  # until the line is read; then each connect attempt has its timeout
         periods[State.CHECKING] = route.gateway.line_timeout
         return periods
-    if not route.dial_timeout and hooks.pre_dial is None and is_ip_literal(route.host):
+    if (
+        not route.dial_timeout and hooks.pre_dial is None and is_ip_literal(route.host) and route.upstream_tls is None
+        and not route.targets
+    ):
         periods[State.CHECKING] = 0.0
     return periods
 
@@ -619,6 +864,18 @@ def splicing(route: RouteConfig, hooks: Hooks) -> bool:
             raise ValueError(f"route {route.name!r}: splice: true leaves nothing for its on_read hook to see")
         return False
     return splice.AVAILABLE
+
+
+def accepted_port(transport: object) -> int:
+    """
+    The local port of the accepted socket under a pair's client transport
+    and the layers over it (TLS, an inbound PROXY header's wrapper, whose
+    C{getHost} answers with the header's destination).
+    """
+    while not isinstance(transport, tcp.Server):
+        transport = getattr(transport, "transport")
+    port: int = transport.getHost().port
+    return port
 
 
 def _nothing() -> None:

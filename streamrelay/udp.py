@@ -37,6 +37,13 @@ with inbound headers gets a different C{datagramReceived} (its sessions are
 keyed by C{(proxy peer, real client)} and answer the peer), and a session
 that sends headers or counts requests or replies gets other C{send} and
 C{reply} callables when it opens; a route without them runs the path above.
+
+A route with a port range has one socket per port, each with a L{Door} as
+its protocol (a Twisted protocol serves one port), and one relay behind
+them all: one session table, limit, set of counters and sweep.  A door's
+sessions are keyed by the client and the port, relay to the target port at
+the port's offset, and reply through the door's socket.  The door does the
+key's extra work; a route with one port has no door and pays nothing.
 """
 
 from __future__ import annotations
@@ -54,17 +61,20 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from .addresses import HOLD_LIMIT, RUN_ID, describe, join_host_port
+from .bandwidth import Meter, Shaper
 from .compat import SessionPort
 from .config import RouteConfig
 from .datagrams import MAX_UDP_PAYLOAD, DatagramDropped, read_header, session_header
 from .dial import resolve
+from .balance import Target
 from .events import RefusalLog, RouteEvents
 from .hooks import NO_HOOKS, ConnectionContext, Hooks, OnRead, PreDial
 from .interfaces import IRelayReactor
 from .ratelimit import RateLimiter
 from .stats import RouteStats
+from .targets import TargetPool
 
-__all__ = ["MAX_DATAGRAM", "DatagramRelay", "ObservedSession", "Session"]
+__all__ = ["MAX_DATAGRAM", "DatagramRelay", "Door", "Listener", "ObservedSession", "Session"]
 
 #: Read size of every socket: the largest UDP payload (65,507 bytes over
 #: IPv4, 65,527 over IPv6) fits, so nothing is truncated.  Twisted's default
@@ -72,9 +82,12 @@ __all__ = ["MAX_DATAGRAM", "DatagramRelay", "ObservedSession", "Session"]
 MAX_DATAGRAM = 65535
 
 Address = tuple[str, int]
-#: A session's key in its relay's table: the client's address, or on a route
+#: The client part of a session's key: the client's address, or on a route
 #: with inbound PROXY headers C{(proxy peer, real client)}.
-SessionKey = Union[Address, tuple[Address, Address]]
+ClientKey = Union[Address, tuple[Address, Address]]
+#: A session's key in its relay's table: its L{ClientKey}, on a route with a
+#: port range together with the listening port (a client may write to several).
+SessionKey = Union[ClientKey, tuple[ClientKey, int]]
 
 #: Session ids: the C{conn} of the logs and of the hooks' context.
 _session_ids = itertools.count(1)
@@ -97,13 +110,17 @@ class Session(DatagramProtocol):
 
     def __init__(
         self, relay: DatagramRelay, client: Address, peer: Address | None = None, destination: Address | None = None,
+        door: Door | None = None,
     ) -> None:
         self.relay = relay
         route = self.route = relay.route
         self.events = relay.events
         self.client = client
         self.peer = client if peer is None else peer
-        self.key: SessionKey = client if peer is None else (peer, client)
+        #: The listening socket the client wrote to, which replies leave through: a range route's L{Door}.
+        self.listener: Listener = relay if door is None else door
+        key: ClientKey = client if peer is None else (peer, client)
+        self.key: SessionKey = key if door is None else (key, door.number)
         self.destination = destination
         self.id = next(_session_ids)
         self.started = self.last_active = relay.reactor.seconds()
@@ -114,17 +131,20 @@ class Session(DatagramProtocol):
         self.held: list[bytes] = []
         self.held_size = 0
         self.send: Callable[[bytes], Any] = self.hold
-        self.reply = relay.sendto if not route.udp_max_replies else self.reply_then_close
+        self.reply = self.listener.sendto if not route.udp_max_replies else self.reply_then_close
         self.requests = 0
         self.port: SessionPort | None = None
         self.decision: Deferred[object] | None = None  # the pending pre_dial hook's
         self.closed = False
+        #: With several targets: the one this session's socket is connected to, for its whole life.
+        self.chosen: Target | None = None
+        self.target_port = route.target_port if door is None else route.target_port_for(door.number)
 
     @cached_property
     def context(self) -> ConnectionContext:
         """What the hooks are told; built for sessions that have hooks only."""
         route = self.route
-        return ConnectionContext(route.name, self.id, self.client, self.relay.listen, (route.host, route.target_port))
+        return ConnectionContext(route.name, self.id, self.client, self.listener.listen, (route.host, self.target_port))
 
     # -- the datagram path
 
@@ -149,7 +169,7 @@ class Session(DatagramProtocol):
     def reply_then_close(self, data: bytes, peer: Address) -> None:
         """C{reply} under C{udp_max_replies}: the last reply closes the session."""
         try:
-            self.relay.sendto(data, peer)
+            self.listener.sendto(data, peer)
         finally:
             if self.datagrams_down >= self.route.udp_max_replies:
                 self.close("max_replies")
@@ -179,10 +199,36 @@ class Session(DatagramProtocol):
             return
         self.send_raw(self.header + data)
 
+    #: Under a route's C{bandwidth}: what the datagrams up and down are charged to.
+    meters: tuple[Meter | None, Meter | None] = (None, None)
+
+    def send_within_bandwidth(self, data: bytes) -> None:
+        """C{send} under a C{bandwidth} limit up: a datagram over it is dropped."""
+        if self.fits(self.meters[0], data, "up"):
+            self.send_shaped(data)
+
+    def reply_within_bandwidth(self, data: bytes, peer: Address) -> None:
+        """C{reply} under a C{bandwidth} limit down: a datagram over it is dropped."""
+        if self.fits(self.meters[1], data, "down"):
+            self.reply_shaped(data, peer)
+
+    def fits(self, meter: Meter | None, data: bytes, direction: str) -> bool:
+        """Whether C{data} fits the bandwidth; a datagram that does not is counted and logged (throttled)."""
+        assert meter is not None  # the wrappers are only set for a direction with a meter
+        over = meter.admit(len(data))
+        if over is None:
+            return True
+        self.dropped += 1
+        self.relay.refusals.refuse(
+            "over-bandwidth", conn=self.id, client=join_host_port(*self.client), size=len(data),
+            direction=direction, limit=over,
+        )
+        return False
+
     def proxy_header(self) -> bytes:
         """The outbound header: the real client, and the address it wrote to (else the listener's)."""
         unique_id = f"{RUN_ID}-u{self.id}" if self.route.proxy_protocol_unique_id else None
-        return session_header(self.client, self.destination or self.relay.listen, unique_id)
+        return session_header(self.client, self.destination or self.listener.listen, unique_id)
 
     def send_failed(self, error: OSError) -> None:
         """
@@ -238,12 +284,32 @@ class Session(DatagramProtocol):
         )
 
     def open(self) -> None:
-        """Admitted: resolve the target's name, then connect."""
+        """Admitted: resolve the target's name (or pick one of several), then connect."""
         relay = self.relay
         relay.stats.sessions_opened += 1
+        pool = relay.pool
+        if pool is not None:
+            if pool.ready.called:
+                self.pick(pool)
+            else:  # the first DNS answers are not in yet: wait on a Deferred of our own
+                waiting: Deferred[None] = Deferred()
+                pool.ready.addCallback(lambda _: None if waiting.called else waiting.callback(None))
+                waiting.addCallback(lambda _: self.pick(pool))
+            return
         resolve(relay.reactor, self.route.host, self.route.family).addCallbacks(
             self.connect, self.resolve_failed
         )
+
+    def pick(self, pool: TargetPool) -> None:
+        """The balancer's target for this client; the session stays on it."""
+        if self.closed:
+            return
+        target = pool.pick(self.client[0], [])
+        if target is None:
+            self.close("no live target")
+            return
+        self.chosen, self.target_port = target, target.port
+        self.connect([target.host])
 
     def connect(self, addresses: list[str]) -> None:
         """
@@ -264,7 +330,7 @@ class Session(DatagramProtocol):
             return
         self.port = port
         try:
-            port.connect(address, self.route.target_port)
+            port.connect(address, self.target_port)
         except OSError as e:
             self.close(f"target unreachable: {e.strerror}")
             return
@@ -277,9 +343,16 @@ class Session(DatagramProtocol):
             self.send_raw, send = send, self.send_with_header
         if route.udp_max_requests:
             self.send_next, send = send, self.send_then_close
+        if relay.shaper is not None:  # outermost: a datagram over the bandwidth is not a request
+            self.meters = up, down = relay.shaper.open(self.client[0])
+            if up is not None:
+                self.send_shaped, send = send, self.send_within_bandwidth
+            if down is not None:
+                self.reply_shaped, self.reply = self.reply, self.reply_within_bandwidth
         self.send = send
         self.events.debug(
-            "session-open", conn=self.id, client=join_host_port(*self.client), via=describe(port.getHost())
+            "session-open", conn=self.id, client=join_host_port(*self.client), via=describe(port.getHost()),
+            **self.target_field(),
         )
         # Popped one by one: what a closing send leaves here, leave() counts as dropped.
         held, self.held_size = self.held, 0
@@ -288,6 +361,11 @@ class Session(DatagramProtocol):
                 send(held.pop(0))
             except OSError as e:
                 self.send_failed(e)
+
+    def target_field(self) -> dict[str, str]:
+        """The target picked among several, for the session's events."""
+        chosen = self.chosen
+        return {"target": join_host_port(chosen.host, chosen.port)} if chosen is not None else {}
 
     def resolve_failed(self, reason: Failure) -> None:
         self.close(f"resolve failed: {reason.getErrorMessage()}")
@@ -309,6 +387,9 @@ class Session(DatagramProtocol):
 
     def target_unreachable(self) -> None:
         self.relay.unreachable += 1
+        chosen, self.chosen = self.chosen, None
+        if chosen is not None:
+            self.relay.pool.failed(chosen, "target unreachable")  # type: ignore[union-attr]  # chosen from it
         self.close("target unreachable")
 
     def leave(self) -> None:
@@ -326,6 +407,12 @@ class Session(DatagramProtocol):
         if self.decision is not None:
             decision, self.decision = self.decision, None
             decision.cancel()
+        for meter in self.meters:
+            if meter is not None:
+                meter.close()
+        if self.chosen is not None:
+            self.relay.pool.done(self.chosen)  # type: ignore[union-attr]
+            self.chosen = None
 
     def close(self, reason: str) -> Deferred[None] | None:
         """
@@ -334,6 +421,7 @@ class Session(DatagramProtocol):
         """
         if self.closed:
             return None
+        target = self.target_field()  # before leave() gives the target back
         self.leave()
         relay = self.relay
         relay.stats.sessions_closed[reason] += 1
@@ -342,7 +430,8 @@ class Session(DatagramProtocol):
             duration=relay.reactor.seconds() - self.started,
             datagrams_up=self.datagrams_up, bytes_up=self.bytes_up,
             datagrams_down=self.datagrams_down, bytes_down=self.bytes_down,
-            dropped=self.dropped,
+            dropped=self.dropped, **({"port": self.listener.listen[1]} if self.route.port_count > 1 else {}),
+            **target,
         )
         return self.port.stopListening() if self.port is not None else None
 
@@ -352,9 +441,9 @@ class ObservedSession(Session):
 
     def __init__(
         self, relay: DatagramRelay, client: Address, on_read: OnRead,
-        peer: Address | None = None, destination: Address | None = None,
+        peer: Address | None = None, destination: Address | None = None, door: Door | None = None,
     ) -> None:
-        super().__init__(relay, client, peer, destination)
+        super().__init__(relay, client, peer, destination, door)
         self.on_read = on_read
         self.observing = True
 
@@ -378,15 +467,35 @@ class ObservedSession(Session):
                 )
 
 
-class DatagramRelay(DatagramProtocol):
-    """
-    A UDP route's listening protocol: its session table, its session limit,
-    its hooks and the sweep that expires idle sessions.
-    """
+class Listener(DatagramProtocol):
+    """A listening socket's protocol: its sessions reply through the socket, and name its address."""
 
     noisy = False
+    #: The listening socket's own C{sendto}, for the sessions' replies.
+    sendto: Callable[[bytes, Address], Any]
+    #: The listening socket's address, for the hooks' context and outbound PROXY headers.
+    listen: Address
+
+    def startProtocol(self) -> None:
+        port = cast(udp.Port, self.transport)  # what listenUDP and adoptDatagramPort return
+        self.sendto = port.getHandle().sendto
+        host = port.getHost()
+        self.listen = (host.host, host.port)
+
+
+class DatagramRelay(Listener):
+    """
+    A UDP route's listening protocol (on a route with a port range, its
+    L{Door}s are): its session table, its session limit, its hooks and the
+    sweep that expires idle sessions.
+    """
+
     #: The route's C{rate_limit} buckets for new sessions, set by its service.
     limiter: RateLimiter | None = None
+    #: The route's C{bandwidth} buckets, likewise.
+    shaper: Shaper | None = None
+    #: The route's several targets, set by its service; None: C{host} alone.
+    pool: TargetPool | None = None
 
     def __init__(
         self, route: RouteConfig, events: RouteEvents, refusals: RefusalLog, reactor: IRelayReactor,
@@ -402,12 +511,9 @@ class DatagramRelay(DatagramProtocol):
         self.sweeper = LoopingCall(self.sweep)
         self.sweeper.clock = reactor
         self.unreachable = 0
+        #: A range route's listening ports, one L{Door} each (none on a route with one port).
+        self.doors: list[Door] = []
         self.choose_path()
-
-    #: The listening socket's own C{sendto}, for the sessions' replies.
-    sendto: Callable[[bytes, Address], Any]
-    #: The listening socket's address, for the hooks' context.
-    listen: Address
 
     def configure(self, route: RouteConfig, events: RouteEvents, hooks: Hooks) -> None:
         """New sessions get these settings (a reload); open sessions keep the ones they began with."""
@@ -417,12 +523,6 @@ class DatagramRelay(DatagramProtocol):
         if self.sweeper.running and route.udp_cleanup_interval != interval:
             self.sweeper.stop()
             self.start_sweeping()
-
-    def startProtocol(self) -> None:
-        port = cast(udp.Port, self.transport)  # what listenUDP and adoptDatagramPort return
-        self.sendto = port.getHandle().sendto
-        host = port.getHost()
-        self.listen = (host.host, host.port)
 
     @property
     def refused(self) -> int:
@@ -443,6 +543,8 @@ class DatagramRelay(DatagramProtocol):
         """Pick the per-datagram path for the route's settings, once rather than per datagram."""
         proxied = self.route.proxy_protocol.mode != "disabled"
         self.datagramReceived = self.proxied_datagram if proxied else self.plain_datagram
+        for door in self.doors:
+            door.choose_path(proxied)
 
     def plain_datagram(self, data: bytes, addr: Address) -> None:
         session = self.sessions.get(addr)
@@ -460,8 +562,7 @@ class DatagramRelay(DatagramProtocol):
         try:
             client, destination, payload = read_header(self.route.proxy_protocol, data, addr)
         except DatagramDropped as e:
-            self.stats.header_errors[e.reason] += 1
-            self.refusals.refuse("rejected", client=join_host_port(*addr), reason=str(e), header_error=e.reason)
+            self.header_dropped(e, addr)
             return
         session = self.sessions.get((addr, client))
         if session is not None:
@@ -469,7 +570,15 @@ class DatagramRelay(DatagramProtocol):
         else:
             self.open(payload, client, addr, destination)
 
-    def open(self, data: bytes, client: Address, peer: Address | None = None, destination: Address | None = None) -> None:
+    def header_dropped(self, error: DatagramDropped, addr: Address) -> None:
+        """Count and log (throttled) a datagram from C{addr} dropped for its PROXY header."""
+        self.stats.header_errors[error.reason] += 1
+        self.refusals.refuse("rejected", client=join_host_port(*addr), reason=str(error), header_error=error.reason)
+
+    def open(
+        self, data: bytes, client: Address, peer: Address | None = None, destination: Address | None = None,
+        door: Door | None = None,
+    ) -> None:
         """
         A datagram from a new client: open its session, unless the ACL denies
         the client or the table is full, once C{pre_dial} (if set) agrees.
@@ -496,8 +605,8 @@ class DatagramRelay(DatagramProtocol):
         hooks = self.hooks
         on_read = hooks.on_read
         session = (
-            Session(self, client, peer, destination) if on_read is None
-            else ObservedSession(self, client, on_read, peer, destination)
+            Session(self, client, peer, destination, door) if on_read is None
+            else ObservedSession(self, client, on_read, peer, destination, door)
         )
         self.sessions[session.key] = session
         session.up(data)
@@ -535,3 +644,49 @@ class DatagramRelay(DatagramProtocol):
             self.sweeper.stop()
         closing = (session.close(reason) for session in list(self.sessions.values()))
         return [d for d in closing if d is not None]
+
+
+class Door(Listener):
+    """
+    One listening port of a route with a port range.  Its datagrams go to
+    the route's relay, which holds the sessions, limits and sweep of the
+    whole range, under keys that name the port, since one client may write
+    to several; its sessions relay to the target port at its offset and
+    reply through it, so a client hears from the port it wrote to.  The
+    paths are the relay's own (L{DatagramRelay.plain_datagram},
+    L{DatagramRelay.proxied_datagram}) with that key: a route with one port
+    builds none of it.
+    """
+
+    #: L{plain_datagram} or L{proxied_datagram}, as the relay chose for its route.
+    datagramReceived: Callable[[bytes, Address], None]  # type: ignore[assignment]
+
+    def __init__(self, relay: DatagramRelay, number: int) -> None:
+        self.relay = relay
+        self.number = number
+        self.sessions = relay.sessions
+        relay.doors.append(self)
+        self.choose_path(relay.route.proxy_protocol.mode != "disabled")
+
+    def choose_path(self, proxied: bool) -> None:
+        self.datagramReceived = self.proxied_datagram if proxied else self.plain_datagram
+
+    def plain_datagram(self, data: bytes, addr: Address) -> None:
+        session = self.sessions.get((addr, self.number))
+        if session is not None:
+            session.up(data)
+        else:
+            self.relay.open(data, addr, door=self)
+
+    def proxied_datagram(self, data: bytes, addr: Address) -> None:
+        relay = self.relay
+        try:
+            client, destination, payload = read_header(relay.route.proxy_protocol, data, addr)
+        except DatagramDropped as e:
+            relay.header_dropped(e, addr)
+            return
+        session = self.sessions.get(((addr, client), self.number))
+        if session is not None:
+            session.up(payload)
+        else:
+            relay.open(payload, client, addr, destination, self)

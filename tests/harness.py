@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,10 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+import pytest
+
+from streamrelay.proxyproto import ProxyInfo, parse
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 DEADLINE = 15.0
@@ -254,3 +259,88 @@ def write_config(directory: Path, text: str, name: str = "routes.yml") -> Path:
     path = directory / name
     path.write_text(text)
     return path
+
+
+class HeaderTarget(Target):
+    """A target that reads a PROXY header, records it, then echoes."""
+
+    def __init__(self, reply: bytes | None = None) -> None:
+        self.headers: list[ProxyInfo] = []
+        self.reply = reply
+        super().__init__(self.handle)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received = b""
+        while (parsed := parse(received)) is None:
+            data = await reader.read(4096)
+            if not data:
+                return
+            received += data
+        info, length = parsed
+        self.headers.append(info)
+        if self.reply is not None:
+            writer.write(self.reply)
+            await writer.drain()
+            return
+        writer.write(received[length:])
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+
+
+class HAProxy:
+    """An C{haproxy -db} process with the configuration C{body} (after global and defaults)."""
+
+    @classmethod
+    def in_front(cls, directory: Path, port: int, send_proxy: str = "send-proxy-v2") -> HAProxy:
+        """
+        HAProxy in TCP mode in front of 127.0.0.1:C{port}, sending a PROXY
+        header (C{send_proxy}); its own port is C{front}, already listening.
+        """
+        front = free_port()
+        body = (
+            f"frontend fe\n  mode tcp\n  bind 127.0.0.1:{front}\n  default_backend be\n"
+            f"backend be\n  mode tcp\n  server relay 127.0.0.1:{port} {send_proxy}\n"
+        )
+        haproxy = cls(directory, body)
+        haproxy.front = front
+        haproxy.wait_listening(front)
+        return haproxy
+
+    front = 0
+
+    def __init__(self, directory: Path, body: str) -> None:
+        path = directory / "haproxy.cfg"
+        path.write_text(
+            "global\n  log stdout format raw local0\n"
+            "defaults\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n" + body
+        )
+        self.process = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def wait_listening(self, port: int) -> None:
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                assert self.process.poll() is None, self.process.stdout.read()  # type: ignore[union-attr]
+                return False
+
+        poll(up)
+
+    def __enter__(self) -> HAProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.wait(15)
+        self.process.stdout.close()  # type: ignore[union-attr]

@@ -256,7 +256,7 @@ def test_constructor_accepts_lists() -> None:
         ("deny", "acl: expected a mapping, got str"),
         (
             {"log": {}},
-            "acl: unknown key 'log'; valid keys are default, allow_local, allow, deny",
+            "acl: unknown key 'log'; valid keys are default, allow_local, allow, deny, maxmind",
         ),
         ({"default": "block"}, "acl.default: expected 'allow' or 'deny', got 'block'"),
         ({"default": True}, "acl.default: expected 'allow' or 'deny', got True"),
@@ -280,16 +280,31 @@ def test_config_errors(config: object, message: str) -> None:
 @pytest.mark.parametrize(
     "rule, message",
     [
+        # Places need a database (tests/test_geoip.py has the rest), but are
+        # checked for shape first.
         (
             "country:US",
-            "cannot use 'country:US': country: rules need a GeoIP database,"
-            " which streamrelay does not support yet",
+            "'country:US' needs a MaxMind database; add maxmind: {database: FILE} to this acl block",
         ),
         (
-            "tz:Asia/Shanghai",
-            "cannot use 'tz:Asia/Shanghai': tz: rules need a GeoIP database,"
-            " which streamrelay does not support yet",
+            "tz:America/Argentina/Salta",
+            "'tz:America/Argentina/Salta' needs a MaxMind database;"
+            " add maxmind: {database: FILE} to this acl block",
         ),
+        *[
+            (
+                f"country:{code}",
+                f"'country:{code}' is not a country; expected a two-letter ISO 3166-1 code, as in country:DE",
+            )
+            for code in ("usa", "U", "", "U1", "ÜS", " US")
+        ],
+        *[
+            (
+                f"tz:{zone}",
+                f"'tz:{zone}' is not a time zone; expected an IANA Area/City name, as in tz:Europe/Berlin",
+            )
+            for zone in ("Nowhere", "UTC", "US/Eastern", "europe/berlin", "Europe/", "Europe/Berlin/", "Europe/Bär")
+        ],
         ("cidr:10.0.0.1/8", "'cidr:10.0.0.1/8' has host bits set; did you mean 10.0.0.0/8?"),
         ("10.0.0.1/8", "'10.0.0.1/8' has host bits set; did you mean 10.0.0.0/8?"),
         ("2001:db8::1/32", "'2001:db8::1/32' has host bits set; did you mean 2001:db8::/32?"),
@@ -302,7 +317,7 @@ def test_config_errors(config: object, message: str) -> None:
         (
             "host:example.com",
             "'host:example.com' has unknown rule type 'host';"
-            " expected ip:, cidr: or a bare address or CIDR",
+            " expected ip:, cidr:, country:, tz: or a bare address or CIDR",
         ),
         ("ip:10.0.0.0/8", "'ip:10.0.0.0/8' is a network; write it as cidr:10.0.0.0/8"),
         ("fe80::1%eth0", "'fe80::1%eth0' has a zone id; rules cannot name an interface"),

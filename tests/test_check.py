@@ -107,6 +107,35 @@ CONFIGS = {
           80: {scheme: tcp4, host: "0x1", port: "5:6"}
           "-.5": {scheme: tcp4, host: "1e5", port: "7:8"}
     """,
+    "several targets, checks and the resolver": """
+        resolver: {servers: ["127.0.0.1:5353", "::1"], dns_min_ttl: 500ms, dns_max_ttl: 1m, dns_max_stale: 10m}
+        routes:
+          web:
+            scheme: tcp
+            bind: "::1"
+            port: 8443
+            targets:
+              - "app1.example.net:8443"
+              - {host: "2001:db8::7", port: 443, weight: 3}
+              - {host: 192.0.2.9, port: 8443, backup: true}
+            load_balance: {mode: iphash}
+            max_fails: 3
+            fail_timeout: 30s
+          ssh: {scheme: tcp4, host: 10.0.0.5, port: "2222:22", healthcheck: {interval: 2s, timeout: 1s, retries: 2, expect: "SSH-2.0"}}
+          redis:
+            scheme: tcp4
+            port: 6380
+            targets: ["10.0.0.6:6379", "10.0.0.7:6379"]
+            load_balance: {mode: leastconn, sticky: true, sticky_max_age: 10m}
+            healthcheck: {send: "PING\\r\\n", expect: "+PONG"}
+          dns: {scheme: udp4, port: 53, targets: ["10.0.0.53:53", "10.0.0.54:53"], healthcheck: {send: "\\0\\x01", disable: true}}
+    """,
+    "port ranges": """
+        routes:
+          game: {scheme: tcp, port: "27015-27030:37015-37030", max_connections: 100}
+          turn: {scheme: udp4, host: 10.0.0.9, port: "49152-53247:3478", reuse_port: true}
+          one: {scheme: tcp4, port: "6000-6000:7000-7000"}
+    """,
 }
 
 
@@ -136,7 +165,7 @@ def test_dump_fills_in_every_default() -> None:
                 "connect_timeout": "5s", "retries": 1, "idle_timeout": "0s", "half_close_timeout": "30s",
                 "close_timeout": "10s", "backlog": 4096, "relay_proxy_protocol_header": False,
                 "proxy_protocol_version": 2, "proxy_protocol_unique_id": False, "max_connections": 0,
-                "max_connections_per_client": 0, "splice": "auto", "reuse_port": False,
+                "max_connections_per_client": 0, "splice": "auto", "reuse_port": False, "tls_hello_timeout": "5s",
                 "proxy_protocol": {"mode": "disabled", "trusted_proxies": [], "timeout": "3s", "detect_timeout": "300ms"},
                 "acl": {"default": "allow", "allow_local": False, "allow": [], "deny": []},
             },

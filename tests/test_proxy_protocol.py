@@ -15,38 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from streamrelay.proxyproto import V2_SIGNATURE, ProxyInfo, build_v1, build_v2, parse
-from tests.harness import connect_from, tcp_route, Relay, Target, poll, recv_all, recv_exactly, write_config
+from streamrelay.proxyproto import V2_SIGNATURE, build_v1, build_v2
+from tests.harness import (
+    HAProxy, HeaderTarget, Relay, Target, connect_from, free_port, needs_haproxy, poll, recv_all, recv_exactly, tcp_route,
+    write_config,
+)
 
 CLIENT = "127.0.0.2"  # the original client; 127.0.0.1 plays the proxies
 
-
-
-class HeaderTarget(Target):
-    """A target that reads a PROXY header, records it, then echoes."""
-
-    def __init__(self, reply: bytes | None = None) -> None:
-        self.headers: list[ProxyInfo] = []
-        self.reply = reply
-        super().__init__(self.handle)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        received = b""
-        while (parsed := parse(received)) is None:
-            data = await reader.read(4096)
-            if not data:
-                return
-            received += data
-        info, length = parsed
-        self.headers.append(info)
-        if self.reply is not None:
-            writer.write(self.reply)
-            await writer.drain()
-            return
-        writer.write(received[length:])
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
 
 
 def reset_after_sending(port: int, data: bytes) -> bool:
@@ -216,58 +192,14 @@ def test_optional_mode_lets_the_server_speak_first(tmp_path: Path) -> None:
 # -- real peers
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
-
-
-class HAProxy:
-    def __init__(self, directory: Path, body: str) -> None:
-        path = directory / "haproxy.cfg"
-        path.write_text(
-            "global\n  log stdout format raw local0\n"
-            "defaults\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n" + body
-        )
-        self.process = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def wait_listening(self, port: int) -> None:
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                assert self.process.poll() is None, self.process.stdout.read()  # type: ignore[union-attr]
-                return False
-
-        poll(up)
-
-    def __enter__(self) -> HAProxy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.terminate()
-        self.process.wait(15)
-        self.process.stdout.close()  # type: ignore[union-attr]
-
-
 @needs_haproxy
 @pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
 def test_haproxy_in_front(tmp_path: Path, send_proxy: str) -> None:
     with HeaderTarget() as target:
         text = "routes:\n" + route(target.port, proxy_protocol=INBOUND % "required", relay_proxy_protocol_header="true")
         with Relay(write_config(tmp_path, text)) as relay:
-            front = free_port()
-            body = (
-                f"frontend fe\n  mode tcp\n  bind 127.0.0.1:{front}\n  default_backend be\n"
-                f"backend be\n  mode tcp\n  server relay 127.0.0.1:{relay.ports['pp']} {send_proxy}\n"
-            )
-            with HAProxy(tmp_path, body) as haproxy:
-                haproxy.wait_listening(front)
-                with connect_from(CLIENT, front) as sock:
+            with HAProxy.in_front(tmp_path, relay.ports["pp"], send_proxy) as haproxy:
+                with connect_from(CLIENT, haproxy.front) as sock:
                     sock.sendall(b"through haproxy")
                     assert recv_exactly(sock, 15) == b"through haproxy"
                     client = sock.getsockname()

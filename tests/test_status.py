@@ -177,7 +177,10 @@ def test_metrics_count_what_the_relay_did(busy: Busy) -> None:
     assert route_samples(samples, "echo", "tcp") == {
         t + "connections_accepted_total": 6,  # the denied one too
         t + "connections_closed_total": {"done": 3, "denied": 1},
-        t + "refused_total": {"acl": 1, "per-client": 0, "proxy-header": 0, "hook": 0, "gateway-line": 0, "gateway-ban": 0, "rate": 0},
+        t + "refused_total": {
+            "acl": 1, "per-client": 0, "proxy-header": 0, "hook": 0, "gateway-line": 0, "gateway-ban": 0, "rate": 0,
+            "tls-handshake": 0, "sni-no-route": 0, "sni-bad-hello": 0, "sni-hello-timeout": 0, "sni-full": 0,
+        },
         t + "bytes_up_total": 320, t + "bytes_down_total": 320,  # the held pairs' bytes included
         t + "pairs_active": 2, t + "pairs_splicing": 0, t + "pairs_spliced_total": 0,
         t + "connections_awaiting_header": 0,
@@ -247,6 +250,54 @@ def test_page_shows_the_real_client_in_chromium(busy: Busy, tmp_path: Path) -> N
                    capture_output=True, timeout=60, check=True)
     assert screenshot.stat().st_size > 10_000
     print(f"status page screenshot: {screenshot}")
+
+
+def test_each_target_of_a_route_is_listed_with_its_state_load_and_failures(tmp_path: Path) -> None:
+    """
+    A route over a dead target, a live one and a live backup: the dead one's
+    refused dial takes it out (max_fails 1), the pairs go to the live one,
+    and the checks (100 ms apart, down only after 15 s of failures) run.
+    """
+    with Target(host="127.0.0.2") as live, Target(host="127.0.0.3") as backup, socket.socket() as unused:
+        unused.bind(("127.0.0.4", 0))
+        dead, live_at, backup_at = f"127.0.0.4:{unused.getsockname()[1]}", f"127.0.0.2:{live.port}", f"127.0.0.3:{backup.port}"
+        path = write_config(tmp_path, (
+            'status: {listen: "127.0.0.1:0"}\nroutes:\n  pool:\n    scheme: tcp4\n    bind: 127.0.0.1\n    port: 0\n'
+            f'    targets: ["{dead}", "{live_at}", {{host: 127.0.0.3, port: {backup.port}, backup: true}}]\n'
+            "    healthcheck: {interval: 100ms}\n"
+        ))
+        with Relay(path) as relay:
+            listen = status_listen(relay)
+            held = [connect(relay.ports["pool"]) for _ in range(2)]
+            for sock in held:
+                assert echoed(sock, b"z") == b"z"
+
+            def targets() -> list[dict[str, Any]]:
+                [route] = snapshot(listen, "?route=pool")["routes"]
+                return route["targets"]
+
+            listed = poll(lambda: all(t["last_check"] is not None for t in targets()) and targets())
+            samples = route_samples(metrics(listen), "pool", "tcp")
+            code, _, page = get(listen, "/?route=pool")
+            for sock in held:
+                sock.close()
+    assert [t.pop("last_check") < 1 for t in listed] == [True] * 3
+    [refused] = {t.pop("last_error") for t in listed} - {None}
+    assert "refused" in refused
+    assert listed == [
+        {"target": dead, "weight": 1, "backup": False, "up": True, "eligible": False, "active": 0, "picked": 1,
+         "failures": 1},
+        {"target": live_at, "weight": 1, "backup": False, "up": True, "eligible": True, "active": 2, "picked": 2,
+         "failures": 0},
+        {"target": backup_at, "weight": 1, "backup": True, "up": True, "eligible": True, "active": 0, "picked": 0,
+         "failures": 0},
+    ]
+    t = "streamrelay_"
+    assert samples[t + "target_up"] == {dead: 0, live_at: 1, backup_at: 1}
+    assert samples[t + "target_active"] == {dead: 0, live_at: 2, backup_at: 0}
+    assert samples[t + "target_failures_total"] == {dead: 1, live_at: 0, backup_at: 0}
+    assert code == 200 and "pool: 2 of 3 targets up" in page
+    assert f'<td class="addr">{dead}</td><td class="num">1</td><td>primary</td><td class="bad">out</td>' in page
 
 
 def test_healthz_says_503_while_draining(tmp_path: Path) -> None:

@@ -15,7 +15,23 @@ from typing import Literal
 
 import crc32c as _crc32c
 
-from .info import PP2_TYPE_CRC32C, PP2_TYPE_UNIQUE_ID, canonical_host
+from .info import (
+    ALPN,
+    AUTHORITY,
+    PP2_CLIENT_CERT_CONN,
+    PP2_CLIENT_CERT_SESS,
+    PP2_CLIENT_SSL,
+    PP2_TYPE_ALPN,
+    PP2_TYPE_AUTHORITY,
+    PP2_TYPE_CRC32C,
+    PP2_TYPE_SSL,
+    PP2_TYPE_UNIQUE_ID,
+    SSL_FIXED,
+    SSL_STRINGS,
+    VERIFY_FAILED,
+    SSLInfo,
+    canonical_host,
+)
 from .parser import (
     MAX_UNIQUE_ID_LENGTH,
     MAX_V2_LENGTH,
@@ -27,7 +43,7 @@ from .parser import (
     V2_VERSION,
 )
 
-__all__ = ["build_v1", "build_v2", "unify_families"]
+__all__ = ["build_v1", "build_v2", "tls_tlvs", "unify_families"]
 
 Endpoint = tuple[str, int]
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -107,6 +123,54 @@ def build_v2(
     return header
 
 
+def tls_tlvs(*, authority: str | None, alpn: str | None, ssl: SSLInfo | None) -> list[tuple[int, bytes]]:
+    """
+    The TLVs that tell a target what the relay learned of the client's TLS,
+    for L{build_v2}: PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY and PP2_TYPE_SSL,
+    each only if given, in the order and layout HAProxy sends them
+    (C{make_proxy_line_v2} in its src/connection.c, with
+    C{send-proxy-v2-ssl-cn} and C{proxy-v2-options
+    authority,ssl-cipher,cert-sig,cert-key}).
+
+    @param authority: the host name the client asked for (its SNI).
+    @param alpn: the application protocol negotiated, e.g. C{"h2"}.
+    @param ssl: the TLS facts; C{verify} is sent as zero when the client
+        certificate verified or there was none (as HAProxy does), else as
+        OpenSSL's X509_V_ERR_UNSPECIFIED.
+    @raise ValueError: for a value that is empty, not in the encoding the
+        spec gives it, or longer than its TLV allows (255 bytes for a
+        protocol name or an authority, 65535 for the SSL TLV as a whole).
+    """
+    tlvs = []
+    if alpn is not None:
+        tlvs.append((PP2_TYPE_ALPN, ALPN.encode(alpn)))
+    if authority is not None:
+        tlvs.append((PP2_TYPE_AUTHORITY, AUTHORITY.encode(authority)))
+    if ssl is not None:
+        tlvs.append((PP2_TYPE_SSL, _ssl_value(ssl)))
+    return tlvs
+
+
+def _ssl_value(ssl: SSLInfo) -> bytes:
+    """
+    The PP2_TYPE_SSL value: the C{client} bits, C{verify}, then a sub-TLV
+    per string known.
+    """
+    client = (
+        (PP2_CLIENT_SSL if ssl.client_ssl else 0)
+        | (PP2_CLIENT_CERT_CONN if ssl.client_cert_conn else 0)
+        | (PP2_CLIENT_CERT_SESS if ssl.client_cert_sess else 0)
+    )
+    certificate = ssl.client_cert_conn or ssl.client_cert_sess
+    verify = VERIFY_FAILED if certificate and not ssl.verified else 0
+    subtlvs = [
+        _tlv(kind, SSL_STRINGS[kind].encode(text)) for kind, text in ssl.strings().items() if text is not None
+    ]
+    value = SSL_FIXED.pack(client, verify) + b"".join(subtlvs)
+    _check_value_length(value)
+    return value
+
+
 def unify_families(
     source: Endpoint | None, destination: Endpoint | None
 ) -> tuple[Endpoint | None, Endpoint | None]:
@@ -181,6 +245,10 @@ def _tlv(kind: int, value: bytes) -> bytes:
         raise ValueError(f"TLV type {kind} is not a byte")
     if kind == PP2_TYPE_UNIQUE_ID and len(value) > MAX_UNIQUE_ID_LENGTH:
         raise ValueError(f"UNIQUE_ID TLV longer than {MAX_UNIQUE_ID_LENGTH} bytes")
+    _check_value_length(value)
+    return struct.pack("!BH", kind, len(value)) + bytes(value)
+
+
+def _check_value_length(value: bytes) -> None:
     if len(value) > 0xFFFF:
         raise ValueError(f"TLV value of {len(value)} bytes does not fit in 16 bits")
-    return struct.pack("!BH", kind, len(value)) + bytes(value)

@@ -11,6 +11,9 @@ is known about it, so it is written to:
     field is completed, and a v2 header is refused as soon as its 16-byte
     fixed part announces something invalid, so a peer can never make us
     buffer more than L{MAX_V1_LENGTH} or L{MAX_V2_LENGTH} bytes;
+  - check the TLVs L{ProxyInfo} decodes (ALPN, AUTHORITY, SSL) as strictly
+    as the rest, and keep the others unread: a header the properties could
+    not decode is refused here;
   - raise nothing but L{InvalidProxyHeader}, and never look past the header.
 
 The caller buffers what it receives and calls L{parse} again with the whole
@@ -23,11 +26,26 @@ from __future__ import annotations
 import enum
 import ipaddress
 import struct
+from collections.abc import Callable
 
 import crc32c
 
 from .exceptions import InvalidProxyHeader
-from .info import PP2_TYPE_CRC32C, PP2_TYPE_UNIQUE_ID, Command, ProxyInfo, Transport, canonical_host
+from .info import (
+    ALPN,
+    AUTHORITY,
+    PP2_TYPE_ALPN,
+    PP2_TYPE_AUTHORITY,
+    PP2_TYPE_CRC32C,
+    PP2_TYPE_SSL,
+    PP2_TYPE_UNIQUE_ID,
+    Command,
+    ProxyInfo,
+    Transport,
+    canonical_host,
+    decode_ssl,
+    iter_tlvs,
+)
 
 __all__ = [
     "MAX_UNIQUE_ID_LENGTH",
@@ -318,29 +336,39 @@ def _v2_addresses(header: bytes, address_size: int) -> tuple[tuple[str, int] | N
 def _v2_tlvs(header: bytes, offset: int) -> tuple[tuple[int, bytes], ...]:
     """
     Split what follows the address block into TLVs, which must fill it
-    exactly, and verify the CRC32C TLV if there is one.
+    exactly, verify the CRC32C TLV if there is one, then check the values
+    of the types this package gives meaning to.
     """
     tlvs = []
     crc_offset = None
-    while offset < len(header):
-        if len(header) - offset < 3:
-            raise InvalidProxyHeader("v2: truncated TLV")
-        kind, length = struct.unpack_from("!BH", header, offset)
-        start, offset = offset + 3, offset + 3 + length
-        if offset > len(header):
-            raise InvalidProxyHeader("v2: TLV overruns the declared length")
-        if kind == PP2_TYPE_CRC32C:
-            if crc_offset is not None:
-                raise InvalidProxyHeader("v2: duplicate CRC32C TLV")
-            if length != 4:
-                raise InvalidProxyHeader("v2: CRC32C TLV must be 4 bytes")
-            crc_offset = start
-        elif kind == PP2_TYPE_UNIQUE_ID and length > MAX_UNIQUE_ID_LENGTH:
-            raise InvalidProxyHeader(f"v2: UNIQUE_ID TLV longer than {MAX_UNIQUE_ID_LENGTH} bytes")
-        tlvs.append((kind, header[start:offset]))
-    if crc_offset is not None:
-        _v2_check_crc32c(header, crc_offset)
+    try:
+        for kind, start, end in iter_tlvs(header, offset, "the declared length"):
+            if kind == PP2_TYPE_CRC32C:
+                if crc_offset is not None:
+                    raise ValueError("duplicate CRC32C TLV")
+                if end - start != 4:
+                    raise ValueError("CRC32C TLV must be 4 bytes")
+                crc_offset = start
+            elif kind == PP2_TYPE_UNIQUE_ID and end - start > MAX_UNIQUE_ID_LENGTH:
+                raise ValueError(f"UNIQUE_ID TLV longer than {MAX_UNIQUE_ID_LENGTH} bytes")
+            tlvs.append((kind, header[start:end]))
+        if crc_offset is not None:
+            _v2_check_crc32c(header, crc_offset)
+        for kind, value in tlvs:
+            if kind in _CHECKED_TLVS:
+                _CHECKED_TLVS[kind](value)
+    except ValueError as error:
+        raise InvalidProxyHeader(f"v2: {error}") from None
     return tuple(tlvs)
+
+
+#: The TLV types whose values L{ProxyInfo} decodes, with their decoders: a
+#: header whose values they refuse is invalid, so the properties never fail.
+_CHECKED_TLVS: dict[int, Callable[[bytes], object]] = {
+    PP2_TYPE_ALPN: ALPN.decode,
+    PP2_TYPE_AUTHORITY: AUTHORITY.decode,
+    PP2_TYPE_SSL: decode_ssl,
+}
 
 
 def _v2_check_crc32c(header: bytes, offset: int) -> None:
@@ -351,4 +379,4 @@ def _v2_check_crc32c(header: bytes, offset: int) -> None:
     received = int.from_bytes(header[offset : offset + 4], "big")
     zeroed = header[:offset] + bytes(4) + header[offset + 4 :]
     if crc32c.crc32c(zeroed) != received:
-        raise InvalidProxyHeader("v2: CRC32c mismatch")
+        raise ValueError("CRC32c mismatch")

@@ -4,7 +4,9 @@ Run the relay benchmark: ``python -m tests.benchmarks [--quick] [--json FILE]``.
 Starts the targets on the load CPU, then each relay in turn on the relay
 CPU in front of them, runs every workload through it, and prints a table per
 workload (and ``--json FILE``).  ``--relays`` and ``--workloads`` take
-comma-separated names to run a subset; ``--list`` shows the names.
+comma-separated names to run a subset; ``--list`` shows the names.  The TLS
+workloads run through the relays that have TLS modes, started again with
+TLS routes once their plain workloads are done.
 """
 
 from __future__ import annotations
@@ -19,17 +21,31 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .relays import Context, Relay, Running, Skipped, StreamRelay, Targets, all_relays, baseline_relays
+from . import tls
+from .relays import (
+    Context,
+    Relay,
+    Running,
+    Skipped,
+    StreamRelay,
+    Targets,
+    all_relays,
+    baseline_relays,
+    haproxy_listener,
+    start_haproxy,
+)
 from .report import Results
 from .tools import (
+    HERE,
     REPO,
     PortAllocator,
     Process,
-    build_loadgen,
     choose_cpus,
+    compile_tool,
     ensure,
     have,
     listening,
@@ -47,8 +63,13 @@ from .workloads import (
 )
 
 ACL = "acl"
-#: The tools each workload needs (binary, Debian package).
-NEEDS = {"bulk": ("iperf3", "iperf3"), "latency": ("sockperf", "sockperf")}
+#: What each workload needs besides Python and gcc: (what, its Debian package, whether it is here).
+NEEDS: dict[str, tuple[str, str, Callable[[], bool]]] = {
+    "bulk": ("iperf3", "iperf3", have("iperf3")),
+    "latency": ("sockperf", "sockperf", have("sockperf")),
+    "tls-bulk": ("OpenSSL's headers", "libssl-dev", tls.OPENSSL_HEADER.exists),
+    "tls-cps": ("OpenSSL's headers", "libssl-dev", tls.OPENSSL_HEADER.exists),
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,10 +99,10 @@ def chosen(names: str | None, available: list[str], what: str) -> list[str]:
     return [n for n in available if n in wanted]
 
 
-def start_targets(workdir: Path, ports: PortAllocator, cpu: int, loadgen: Path,
-                  workloads: list[str], settings: Settings) -> tuple[Targets, list[Process]]:
-    """The targets every relay forwards to, on the load CPU."""
-    tcp = {route: ports.take() for route in ("iperf", "sockperf", "reply", "bulk")}
+def start_targets(workdir: Path, ports: PortAllocator, cpu: int, loadgen: Path, workloads: list[str],
+                  settings: Settings, tls_client: tls.Client | None) -> tuple[Targets, list[Process]]:
+    """The targets every relay forwards to, on the load CPU (C{oneway} with a TLS client)."""
+    tcp = {route: ports.take() for route in ("iperf", "sockperf", "reply", "bulk", "oneway")}
     udp = ports.take()
     commands = {
         "reply": [str(loadgen), "tcp-target", str(tcp["reply"])],
@@ -92,20 +113,52 @@ def start_targets(workdir: Path, ports: PortAllocator, cpu: int, loadgen: Path,
         commands["iperf"] = ["iperf3", "-s", "-p", str(tcp["iperf"])]
     if "latency" in workloads:
         commands["sockperf"] = ["sockperf", "sr", "--tcp", "-i", "127.0.0.1", "-p", str(tcp["sockperf"])]
+    if tls_client is not None:
+        commands["oneway"] = [str(tls_client.binary), "bulk-target", str(tcp["oneway"])]
     processes = [start(f"target-{name}", argv, cpu, workdir, cwd=REPO) for name, argv in commands.items()]
     processes.append(start("target-udp", [str(loadgen), "udp-echo", str(udp)], cpu, workdir))
     wait_until(lambda: listening([tcp[name] for name in commands], [udp]), processes)
     return Targets(tcp, udp), processes
 
 
-def run_workload(relay: Relay, workload: Workload, running: Running, context: Context,
-                 env: Environment, results: Results) -> Running:
+def start_tls_target(context: Context, certificates: tls.Certificates,
+                     results: Results) -> tuple[dict[str, int], list[Process]]:
+    """
+    What passthrough relays forward to: HAProxy on the load CPU terminating
+    each TLS service in front of its plain target (the cheapest TLS server at
+    hand; its CPU is the load's, not the relay's).  Without it, passthrough
+    is skipped.
+    """
+    ports = {service: context.ports.take() for service in tls.SERVICES}
+    listeners = [
+        haproxy_listener(f"target-{service}", ports[service], context.targets.tcp[plain], crt=certificates.bundle[kind])
+        for service, (plain, kind) in tls.SERVICES.items()
+    ]
+    try:
+        process = start_haproxy("target-tls", listeners, context.cpus.load, context.workdir, context.fd_limit)
+    except Skipped as e:
+        results.note("", "tls passthrough", "skipped", f"no TLS target: {e}")
+        return {}, []
+    try:
+        wait_until(lambda: listening(list(ports.values())), [process])
+    except RuntimeError as e:
+        process.stop()
+        results.note("", "tls passthrough", "skipped", f"no TLS target: {e}")
+        return {}, []
+    return ports, [process]
+
+
+Starter = Callable[[Context], Running]
+
+
+def run_workload(relay: Relay, start_relay: Starter, workload: Workload, running: Running,
+                 context: Context, env: Environment, results: Results) -> Running:
     """All runs of one workload through one relay; returns the relay now running."""
     began = time.monotonic()
     for index in range(env.settings.runs):
         if workload.fresh_relay and index > 0:
             running.stop()
-            running = relay.start(context)
+            running = start_relay(context)
         results.add(workload.name, relay.name, workload.measure(env, running))
     section = results.sections[workload.name]
     lines = []
@@ -122,12 +175,29 @@ def run_workload(relay: Relay, workload: Workload, running: Running, context: Co
     return running
 
 
+def applicable(relay: Relay, workloads: list[Workload]) -> list[Workload]:
+    """The workloads C{relay} takes: TLS ones only if it has TLS modes."""
+    return [w for w in workloads if not w.over_tls or relay.tls_modes]
+
+
 def run_relay(relay: Relay, workloads: list[Workload], context: Context, env: Environment,
               results: Results) -> None:
+    """The plain workloads through C{relay}, then the TLS ones through it started with TLS routes."""
+    plain = [w for w in workloads if not w.over_tls]
+    over_tls = [w for w in workloads if w.over_tls]
+    if plain:
+        run_started(relay, relay.start, "", plain, context, env, results)
+    if over_tls:
+        run_started(relay, relay.start_tls, "tls", over_tls, context, env, results)
+
+
+def run_started(relay: Relay, start_relay: Starter, what: str, workloads: list[Workload], context: Context,
+                env: Environment, results: Results) -> None:
+    """Start the relay with C{start_relay} and run C{workloads} through it (C{what}: their kind, for notes)."""
     try:
-        running = relay.start(context)
+        running = start_relay(context)
     except Skipped as e:
-        results.note(relay.name, "", "skipped", str(e))
+        results.note(relay.name, what, "skipped", str(e))
         return
     if running.udp_skipped:
         results.note(relay.name, "udp", "skipped", running.udp_skipped)
@@ -141,7 +211,7 @@ def run_relay(relay: Relay, workloads: list[Workload], context: Context, env: En
                 results.note(relay.name, workload.name, "skipped", relay.only_reason)
                 continue
             try:
-                running = run_workload(relay, workload, running, context, env, results)
+                running = run_workload(relay, start_relay, workload, running, context, env, results)
             except (RuntimeError, ValueError, KeyError, subprocess.SubprocessError, Skipped) as e:
                 results.note(relay.name, workload.name, "failed", f"{type(e).__name__}: {e}")
             dead = [p.name for p in running.processes if not p.alive()]
@@ -211,6 +281,7 @@ def versions() -> dict[str, str]:
     commands = {
         "haproxy": ["haproxy", "-v"], "nginx": ["nginx", "-v"], "socat": ["socat", "-V"],
         "iperf3": ["iperf3", "--version"], "sockperf": ["sockperf", "--version"],
+        "openssl": ["openssl", "version"],
         "twisted": [sys.executable, "-c", "import twisted; print('Twisted', twisted.__version__)"],
         "streamrelay": ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
     }
@@ -278,30 +349,38 @@ def main() -> None:
     if meta["busy_before_start"] > 0.1:
         results.note("", "", "warning", f"the CPUs were {meta['busy_before_start']:.0%} busy before the"
                      " benchmark started: other work on this machine will disturb the figures")
-    for name, (binary, package) in NEEDS.items():
-        missing = name in workload_names and ensure(binary, package, have(binary))
+    for name, (what, package, present) in NEEDS.items():
+        missing = name in workload_names and ensure(what, package, present)
         if missing:
             results.note("", name, "skipped", missing)
             workload_names.remove(name)
     selected = [w for w in workloads if w.name in workload_names]
     for workload in selected:
-        results.section(workload.name, workload.describe(settings), workload.metrics)
+        results.section(workload.name, workload.describe(settings), workload.metrics, workload.variants)
 
     with tempfile.TemporaryDirectory(prefix="streamrelay-bench-") as temp:
         workdir = Path(temp)
-        loadgen = build_loadgen(workdir)
+        loadgen = compile_tool(workdir, HERE / "loadgen.c")
+        certificates = tls.Certificates.make(workdir / "certs") if any(w.over_tls for w in selected) else None
+        tls_client = tls.Client.build(workdir, certificates.ca) if certificates else None
         ports = PortAllocator()
-        targets, target_processes = start_targets(workdir, ports, cpus.load, loadgen, workload_names, settings)
-        context = Context(workdir, targets, ports, cpus, fd_limit)
-        env = Environment(settings, loadgen, cpus.load)
+        targets, target_processes = start_targets(workdir, ports, cpus.load, loadgen, workload_names, settings,
+                                                  tls_client)
+        context = Context(workdir, targets, ports, cpus, fd_limit, certificates)
+        env = Environment(settings, loadgen, cpus.load, tls_client)
         print(f"{meta['mode']} run, {settings.runs} run(s) per figure; relays on CPU {cpus.relay},"
               f" load and targets on CPU {cpus.load}", flush=True)
         try:
+            if certificates is not None:
+                tls_ports, tls_processes = start_tls_target(context, certificates, results)
+                context.targets = dataclasses.replace(targets, tls=tls_ports)
+                target_processes += tls_processes
             for relay in relays:
-                if relay.name in relay_names and selected:
+                taken = applicable(relay, selected)
+                if relay.name in relay_names and taken:
                     print(f"{relay.name}:", flush=True)
                     relay_began = time.monotonic()
-                    run_relay(relay, selected, context, env, results)
+                    run_relay(relay, taken, context, env, results)
                     print(f"  ({relay.name}: {time.monotonic() - relay_began:.1f} s)", flush=True)
             if ACL in workload_names:
                 print("acl:", flush=True)

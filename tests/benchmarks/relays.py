@@ -10,6 +10,10 @@ A relay that cannot run here (a tool missing, a config field not
 implemented yet) raises L{Skipped}; the benchmark prints the reason and goes
 on with the others.  A relay whose C{only_workloads} leaves a workload out
 is skipped for it, with C{only_reason}.
+
+Relays with C{tls_modes} also take the TLS workloads: L{Relay.start_tls}
+starts them again with a TLS route per mode and service (see L{tls}),
+instead of the routes above.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import subprocess
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import procstat
+from . import procstat, tls
 from .tools import (
     LOOPBACK,
     REPO,
@@ -55,6 +60,8 @@ class Targets:
 
     tcp: dict[str, int]
     udp: int
+    #: The TLS target's ports, by TLS service (none if it could not start).
+    tls: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,6 +100,30 @@ class Context:
     ports: PortAllocator
     cpus: Cpus
     fd_limit: int
+    #: The certificates relays terminate TLS with (made when a TLS workload runs).
+    certificates: tls.Certificates | None = None
+
+
+@dataclass(frozen=True)
+class TLSRoute:
+    """One TLS listener of a relay: what it serves and where it forwards to."""
+
+    mode: str
+    service: str
+    listen: int
+    target: int
+    #: The service's certificate, key and both in one file (used when terminating).
+    cert: Path
+    key: Path
+    bundle: Path
+
+    @property
+    def name(self) -> str:
+        return tls.route(self.mode, self.service)
+
+    @property
+    def terminates(self) -> bool:
+        return self.mode == "terminate"
 
 
 class Relay(ABC):
@@ -106,10 +137,31 @@ class Relay(ABC):
     #: The workloads it can take (None: all), and why not the others.
     only_workloads: tuple[str, ...] | None = None
     only_reason: str = ""
+    #: The TLS modes it runs the TLS workloads in (none: it takes no TLS workload).
+    tls_modes: tuple[str, ...] = ()
 
     @abstractmethod
     def start(self, context: Context) -> Running:
         """Start listening in front of C{context.targets}; raise L{Skipped} if it cannot."""
+
+    def start_tls(self, context: Context) -> Running:
+        """Start listening on L{_tls_routes} only, for the TLS workloads."""
+        raise Skipped("takes no TLS workload")
+
+    def _tls_routes(self, context: Context) -> list[TLSRoute]:
+        """A route per mode and TLS service; passthrough ones only if the TLS target runs."""
+        if context.certificates is None:
+            raise Skipped("no certificates were made")
+        routes = []
+        for mode in self.tls_modes:
+            for service, (plain, _) in tls.SERVICES.items():
+                target = context.targets.tcp[plain] if mode == "terminate" else context.targets.tls.get(service)
+                if target is not None:
+                    routes.append(TLSRoute(mode, service, context.ports.take(), target,
+                                           *context.certificates.for_service(service)))
+        if not routes:
+            raise Skipped("no TLS route: the TLS target is not running")
+        return routes
 
     def _listen_ports(self, context: Context) -> dict[str, int]:
         return {route: context.ports.take() for route in TCP_ROUTES}
@@ -130,9 +182,16 @@ class Direct(Relay):
 
     name = "direct"
     relays_udp = True
+    tls_modes = ("passthrough",)
 
     def start(self, context: Context) -> Running:
         return Running(dict(context.targets.tcp), context.targets.udp)
+
+    def start_tls(self, context: Context) -> Running:
+        """Straight to the TLS target (the load CPU's own limit for passthrough)."""
+        if not context.targets.tls:
+            raise Skipped("the TLS target is not running")
+        return Running({tls.route("passthrough", s): port for s, port in context.targets.tls.items()}, None)
 
 
 class StreamRelay(Relay):
@@ -151,7 +210,9 @@ class StreamRelay(Relay):
     (needs C{reuse_port}), one on each CPU in turn: the second shares the
     load generator's CPU, as it would share a 2-core machine with anything.  A refused config raises L{Skipped} with
     C{refusal} and the relay's message.  C{source} is the checkout whose
-    code runs (another revision, for C{--baseline}).
+    code runs (another revision, for C{--baseline}).  With C{with_tls}, it takes
+    the TLS workloads: terminating routes (C{tls: {cert, key}}) and
+    passthrough ones (C{sni: ["*"]}, C{tls_passthrough: true}).
     """
 
     def __init__(self, name: str, *, route_fields: dict[str, Any] | None = None,
@@ -159,7 +220,8 @@ class StreamRelay(Relay):
                  refusal: str = "config refused", with_udp: bool = True,
                  routes: tuple[str, ...] = TCP_ROUTES, source: Path = REPO,
                  udp_fields: dict[str, Any] | None = None, gateway: dict[str, Any] | None = None,
-                 only_workloads: tuple[str, ...] | None = None, only_reason: str = "") -> None:
+                 only_workloads: tuple[str, ...] | None = None, only_reason: str = "",
+                 with_tls: bool = False) -> None:
         self.name = name
         self.source = source
         self.route_fields = route_fields or {}
@@ -173,6 +235,7 @@ class StreamRelay(Relay):
         self.gateway = gateway
         self.only_workloads = only_workloads
         self.only_reason = only_reason
+        self.tls_modes = tls.MODES if with_tls else ()
         #: L{source_digest} at each start, in order.
         self.sources: list[str] = []
 
@@ -238,17 +301,36 @@ class StreamRelay(Relay):
             lines[name].write_text(completed.stdout.strip() + "\n")
         return lines
 
+    def start_tls(self, context: Context) -> Running:
+        routes = self._tls_routes(context)
+        config = {"shutdown_timeout": "1s", **self.top_level,
+                  "routes": {route.name: self._tls_route(route) for route in routes}}
+        processes = self._spawn(context, f"{self.name}-tls", config, len(routes))
+        return Running({route.name: route.listen for route in routes}, None, processes)
+
+    def _tls_route(self, route: TLSRoute) -> dict[str, Any]:
+        fields: dict[str, Any] = (
+            {"tls": {"cert": str(route.cert), "key": str(route.key)}} if route.terminates
+            else {"sni": ["*"], "tls_passthrough": True}
+        )
+        return {"scheme": "tcp4", "bind": LOOPBACK, "host": LOOPBACK, "port": f"{route.listen}:{route.target}",
+                **fields, **self.route_fields}
+
     def _launch(self, context: Context, tcp: dict[str, int], udp: int | None) -> Running:
-        self.sources.append(source_digest(self.source))
-        path = context.workdir / f"{self.name}.yml"
-        path.write_text(yaml.safe_dump(self.config(context, tcp, udp), sort_keys=False))
         prefixes = self._gateway_lines(context, tcp)
+        processes = self._spawn(context, self.name, self.config(context, tcp, udp), len(tcp) + (udp is not None))
+        return Running(tcp, udp, processes, prefixes=prefixes)
+
+    def _spawn(self, context: Context, stem: str, config: dict[str, Any], routes: int) -> list[Process]:
+        """Write C{config} to C{stem}.yml and start the processes on it; wait for each route's C{start}."""
+        self.sources.append(source_digest(self.source))
+        path = context.workdir / f"{stem}.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
         twistd = str(Path(sys.executable).parent / "twistd")
         processes: list[Process] = []
-        routes = len(tcp) + (udp is not None)
         for index in range(self.processes):
             process = start(
-                f"{self.name}-{index}",
+                f"{stem}-{index}",
                 [twistd, "-n", "--pidfile=", "--logger=streamrelay.events.text_observer",
                  "streamrelay", "--config", str(path)],
                 (context.cpus.relay, context.cpus.load)[index % 2], context.workdir,
@@ -256,12 +338,12 @@ class StreamRelay(Relay):
             )
             processes.append(process)
             try:
-                wait_until(lambda process=process: _started_routes(process) >= routes, [process])
+                wait_until(partial(_started_all, process, routes), [process])
             except RuntimeError as e:
                 for started in processes:
                     started.stop()
                 raise Skipped(f"{self.refusal}: {e}") from None
-        return Running(tcp, udp, processes, prefixes=prefixes)
+        return processes
 
 
 def source_digest(source: Path = REPO) -> str:
@@ -275,9 +357,9 @@ def source_digest(source: Path = REPO) -> str:
     return h.hexdigest()[:12]
 
 
-def _started_routes(process: Process) -> int:
-    """How many C{start} events the relay has logged."""
-    return sum(
+def _started_all(process: Process, routes: int) -> bool:
+    """Whether the relay has logged a C{start} event for each of its C{routes}."""
+    return routes <= sum(
         "[streamrelay#info] route " in line and " listening on " in line
         for line in process.stdout_path.read_text(errors="replace").splitlines()
     )
@@ -325,73 +407,118 @@ class Socat(Relay):
 
 
 class HAProxy(Relay):
-    """HAProxy in C{mode tcp} with C{option splice-auto}, one thread."""
+    """
+    HAProxy in C{mode tcp} with C{option splice-auto}, one thread.  For the
+    TLS workloads it terminates with C{bind ... ssl crt}, or passes through
+    once it has the ClientHello (C{req.ssl_hello_type}, as an SNI router
+    does).
+    """
 
     name = "haproxy"
+    tls_modes = tls.MODES
 
     def start(self, context: Context) -> Running:
-        missing = ensure("haproxy", "haproxy", have("haproxy"))
-        if missing:
-            raise Skipped(missing)
         tcp = self._listen_ports(context)
-        listeners = "".join(
-            f"listen {route}\n    bind {LOOPBACK}:{port}\n"
-            f"    server {route} {LOOPBACK}:{context.targets.tcp[route]}\n"
-            for route, port in tcp.items()
-        )
-        config = context.workdir / "haproxy.cfg"
-        # HAProxy wants about 2.5 descriptors per connection within the limit.
-        maxconn = (context.fd_limit - 100) * 2 // 5
-        config.write_text(
-            f"global\n    maxconn {maxconn}\n    nbthread 1\n"
-            "defaults\n    mode tcp\n    option splice-auto\n    timeout connect 5s\n"
-            "    timeout client 1h\n    timeout server 1h\n" + listeners
-        )
-        process = start("haproxy", ["haproxy", "-db", "-f", str(config)], context.cpus.relay, context.workdir)
+        listeners = [haproxy_listener(route, port, context.targets.tcp[route]) for route, port in tcp.items()]
+        process = start_haproxy("haproxy", listeners, context.cpus.relay, context.workdir, context.fd_limit)
         return self._await([process], tcp)
+
+    def start_tls(self, context: Context) -> Running:
+        routes = self._tls_routes(context)
+        listeners = [
+            haproxy_listener(r.name, r.listen, r.target, crt=r.bundle if r.terminates else None,
+                             after_hello=not r.terminates)
+            for r in routes
+        ]
+        process = start_haproxy("haproxy-tls", listeners, context.cpus.relay, context.workdir, context.fd_limit)
+        return self._await([process], {r.name: r.listen for r in routes})
+
+
+def haproxy_listener(name: str, port: int, target: int, crt: Path | None = None,
+                     after_hello: bool = False) -> str:
+    """
+    A C{listen} section relaying C{port} to C{target}: terminating TLS with
+    the certificate and key in C{crt}, or C{after_hello} a TLS ClientHello.
+    """
+    bind = f"    bind {LOOPBACK}:{port}" + (f" ssl crt {crt}" if crt else "") + "\n"
+    hello = ("    tcp-request inspect-delay 5s\n"
+             "    tcp-request content accept if { req.ssl_hello_type 1 }\n") if after_hello else ""
+    return f"listen {name}\n{bind}{hello}    server {name} {LOOPBACK}:{target}\n"
+
+
+def start_haproxy(name: str, listeners: list[str], cpu: int, workdir: Path, fd_limit: int) -> Process:
+    """HAProxy with C{listeners}, one thread on C{cpu}, its config in C{workdir}/C{name}.cfg."""
+    missing = ensure("haproxy", "haproxy", have("haproxy"))
+    if missing:
+        raise Skipped(missing)
+    config = workdir / f"{name}.cfg"
+    # HAProxy wants about 2.5 descriptors per connection within the limit.
+    maxconn = (fd_limit - 100) * 2 // 5
+    config.write_text(
+        f"global\n    maxconn {maxconn}\n    nbthread 1\n"
+        "defaults\n    mode tcp\n    option splice-auto\n    timeout connect 5s\n"
+        "    timeout client 1h\n    timeout server 1h\n" + "".join(listeners)
+    )
+    return start(name, ["haproxy", "-db", "-f", str(config)], cpu, workdir)
 
 
 class Nginx(Relay):
-    """nginx's stream module, one worker, its own prefix in the work directory."""
+    """
+    nginx's stream module, one worker, its own prefix in the work directory.
+    For the TLS workloads it terminates (C{listen ... ssl}) or passes through
+    after reading the ClientHello (C{ssl_preread on}).
+    """
 
     name = "nginx"
     relays_udp = True
+    tls_modes = tls.MODES
 
     def start(self, context: Context) -> Running:
+        tcp = self._listen_ports(context)
+        udp = context.ports.take()
+        servers = [f"listen {LOOPBACK}:{port}; proxy_pass {LOOPBACK}:{context.targets.tcp[route]};"
+                   for route, port in tcp.items()]
+        servers.append(f"listen {LOOPBACK}:{udp} udp; proxy_pass {LOOPBACK}:{context.targets.udp}; proxy_timeout 10s;")
+        return self._await([self._run(context, "nginx", servers)], tcp, udp)
+
+    def start_tls(self, context: Context) -> Running:
+        routes = self._tls_routes(context)
+        servers = [
+            f"listen {LOOPBACK}:{r.listen} ssl; ssl_certificate {r.cert}; ssl_certificate_key {r.key};"
+            f" proxy_pass {LOOPBACK}:{r.target};" if r.terminates
+            else f"listen {LOOPBACK}:{r.listen}; ssl_preread on; proxy_pass {LOOPBACK}:{r.target};"
+            for r in routes
+        ]
+        return self._await([self._run(context, "nginx-tls", servers)], {r.name: r.listen for r in routes})
+
+    def _run(self, context: Context, name: str, servers: list[str]) -> Process:
+        """nginx with a C{server} block for each of C{servers}, its prefix C{workdir}/C{name}."""
         missing = ensure("nginx", "nginx", have("nginx")) or ensure(
             "nginx's stream module", "libnginx-mod-stream", NGINX_STREAM_MODULE.exists
         )
         if missing:
             raise Skipped(missing)
-        tcp = self._listen_ports(context)
-        udp = context.ports.take()
-        prefix = context.workdir / "nginx"
+        prefix = context.workdir / name
         (prefix / "logs").mkdir(parents=True, exist_ok=True)
-        servers = "".join(
-            f"    server {{ listen {LOOPBACK}:{port}; proxy_pass {LOOPBACK}:{context.targets.tcp[route]}; }}\n"
-            for route, port in tcp.items()
-        )
-        servers += (f"    server {{ listen {LOOPBACK}:{udp} udp; "
-                    f"proxy_pass {LOOPBACK}:{context.targets.udp}; proxy_timeout 10s; }}\n")
+        blocks = "".join(f"    server {{ {server} }}\n" for server in servers)
         user = "user root;\n" if os.geteuid() == 0 else ""
         (prefix / "nginx.conf").write_text(
             f"load_module {NGINX_STREAM_MODULE};\n{user}worker_processes 1;\n"
             f"worker_rlimit_nofile {context.fd_limit};\npid {prefix}/nginx.pid;\n"
             f"error_log {prefix}/logs/error.log warn;\n"
             f"events {{ worker_connections {context.fd_limit - 100}; }}\n"
-            f"stream {{\n{servers}}}\n"
+            f"stream {{\n{blocks}}}\n"
         )
-        process = start(
-            "nginx", ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
+        return start(
+            name, ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
             context.cpus.relay, context.workdir,
         )
-        return self._await([process], tcp, udp)
 
 
 def baseline_relays(source: Path) -> list[Relay]:
     """streamrelay's default and no-splice variants, run from another checkout."""
     return [
-        StreamRelay("baseline", source=source),
+        StreamRelay("baseline", source=source, with_tls=True),
         StreamRelay("baseline-nosplice", route_fields={"splice": False}, with_udp=False, source=source),
     ]
 
@@ -400,7 +527,7 @@ def all_relays() -> list[Relay]:
     """Every relay, in the order of the report."""
     return [
         Direct(),
-        StreamRelay("streamrelay"),
+        StreamRelay("streamrelay", with_tls=True),
         StreamRelay("streamrelay-status", top_level={"status": {"listen": f"{LOOPBACK}:0"}}),
         StreamRelay("streamrelay-udp-proxy", udp_fields={"udp_proxy_protocol": True},
                     refusal="no udp_proxy_protocol field"),

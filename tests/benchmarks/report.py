@@ -52,8 +52,9 @@ class Results:
         self.relays: list[str] = []
         self.notes: list[dict[str, str]] = []
 
-    def section(self, name: str, title: str, metrics: tuple[Metric, ...]) -> None:
-        self.sections.setdefault(name, Section(name, title, metrics))
+    def section(self, name: str, title: str, metrics: tuple[Metric, ...], variants: tuple[str, ...] = ()) -> None:
+        """A workload's table; C{variants} fixes the order of those known beforehand."""
+        self.sections.setdefault(name, Section(name, title, metrics, list(variants)))
 
     def add(self, workload: str, relay: str, figures: Figures) -> None:
         """One run's figures."""

@@ -194,11 +194,11 @@ def run(argv: Sequence[str], cpu: int, timeout: float, cwd: Path | None = None) 
     return completed.stdout
 
 
-def build_loadgen(workdir: Path) -> Path:
-    """Compile loadgen.c into C{workdir}."""
-    binary = workdir / "loadgen"
+def compile_tool(workdir: Path, source: Path, *libraries: str) -> Path:
+    """Compile the C program C{source} (linked with C{libraries}) into C{workdir}."""
+    binary = workdir / source.stem
     subprocess.run(
-        ["gcc", "-O2", "-Wall", "-o", str(binary), str(HERE / "loadgen.c")],
+        ["gcc", "-O2", "-Wall", "-o", str(binary), str(source), *libraries],
         check=True, capture_output=True, text=True,
     )
     return binary

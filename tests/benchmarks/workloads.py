@@ -6,6 +6,9 @@ tool runs, so it covers exactly the work of that run.
 
 All load tools and targets run on the load CPU; every loop they run is
 bounded by a count and a deadline.
+
+The TLS workloads run through a relay's TLS routes (L{Relay.start_tls}),
+one variant per TLS mode the relay has; their client is C{tlsload}.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
+from typing import Any, TypeVar
 
-from . import bulkpeer
+from . import bulkpeer, tls
 from .relays import Running
 from .tools import LOOPBACK, REPO, run
 
@@ -50,12 +55,15 @@ class Settings:
     #: come after 1 s and 3 s).
     connect_timeout_ms: int = 5000
     acl_rules: int = 10_000
+    #: Short TLS connections per variant, and bytes of a one-way TLS transfer.
+    tls_connections: int = 3000
+    tls_bytes: int = GIB
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(runs=1, iperf_seconds=1, cps_connections=2000, burst_clients=2000,
                    idle_pairs=1000, latency_seconds=1, udp_seconds=1, duplex_bytes=64 * MIB,
-                   connect_timeout_ms=2000)
+                   connect_timeout_ms=2000, tls_connections=300, tls_bytes=64 * MIB)
 
     @classmethod
     def full(cls) -> Settings:
@@ -70,6 +78,8 @@ class Environment:
     settings: Settings
     loadgen: Path
     cpu: int  # where load tools run
+    #: The TLS client, when a TLS workload runs.
+    tls_client: tls.Client | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,10 @@ class Workload(ABC):
     #: from a clean start; the first run comes right after latency's single
     #: connection).
     fresh_relay: bool = False
+    #: Whether it runs through the relay's TLS routes.
+    over_tls: bool = False
+    #: Its variants in the order of the report, where known before it runs.
+    variants: tuple[str, ...] = ()
 
     def describe(self, settings: Settings) -> str:
         return self.title
@@ -113,14 +127,17 @@ class Workload(ABC):
         """One run of every variant."""
 
 
-def _cpu_around(relay: Running, action):
+T = TypeVar("T")
+
+
+def _cpu_around(relay: Running, action: Callable[[], T]) -> tuple[T, float, float]:
     """C{action()}'s result, the relay's CPU seconds meanwhile, and the wall time."""
     cpu, began = relay.cpu_seconds(), time.monotonic()
     result = action()
     return result, relay.cpu_seconds() - cpu, time.monotonic() - began
 
 
-def _loadgen_json(env: Environment, *args: object, timeout: float) -> dict:
+def _loadgen_json(env: Environment, *args: object, timeout: float) -> dict[str, Any]:
     output = run([str(env.loadgen), *map(str, args)], env.cpu, timeout)
     return json.loads(output.splitlines()[-1])
 
@@ -185,10 +202,14 @@ class ShortConnections(Workload):
 def connections_per_second(env: Environment, relay: Running) -> dict[str, float]:
     """The short-connection figures through the C{reply} route (also used by the ACL benchmark)."""
     settings = env.settings
-    result, cpu, wall = _cpu_around(relay, lambda: _loadgen_json(
+    return _connection_figures(*_cpu_around(relay, lambda: _loadgen_json(
         env, *_client(relay, "cps"), LOOPBACK, relay.tcp["reply"], settings.cps_connections,
         settings.cps_concurrency, settings.connect_timeout_ms,
-        timeout=settings.cps_connections * 0.01 + 60))
+        timeout=settings.cps_connections * 0.01 + 60)))
+
+
+def _connection_figures(result: dict[str, Any], cpu: float, wall: float) -> dict[str, float]:
+    """ShortConnections' figures from a client's result and the relay's CPU seconds meanwhile."""
     return {
         "per_s": result["per_second"],
         "errors": result["errors"],
@@ -339,8 +360,78 @@ class Duplex(Workload):
         }}
 
 
+def _tls_variants(*cases: str) -> tuple[str, ...]:
+    """Each case in each TLS mode, as the TLS workloads name their variants."""
+    return tuple(f"{mode}, {case}" for mode in tls.MODES for case in cases)
+
+
+def _tls_json(env: Environment, mode: str, port: int, *args: object, timeout: float) -> dict[str, Any]:
+    if env.tls_client is None:
+        raise RuntimeError("the TLS client was not built")
+    result: dict[str, Any] = json.loads(run(env.tls_client.argv(mode, port, *args), env.cpu, timeout))
+    return result
+
+
+class TLSBulk(Workload):
+    name = "tls-bulk"
+    title = "one TLS stream one way (tlsload), SHA-256 checked after the timed transfer"
+    over_tls = True
+    metrics = (Metric("gbit_s", "Gbit/s", headline=True),
+               Metric("mismatches", "bad digests", ratios=False, lower_is_better=True),
+               RELAY_CPU_PER_GIB, RELAY_CPU_PCT)
+    variants = _tls_variants("up", "down")
+
+    def describe(self, settings: Settings) -> str:
+        return (f"{settings.tls_bytes // MIB} MiB {self.title}; up: client to target; passthrough:"
+                " HAProxy on the load CPU terminates in front of the target")
+
+    def measure(self, env: Environment, relay: Running) -> Figures:
+        figures: Figures = {}
+        size = env.settings.tls_bytes
+        for mode in tls.MODES:
+            port = relay.tcp.get(tls.route(mode, "oneway"))
+            if port is None:
+                continue
+            for direction in ("up", "down"):
+                result, cpu, _ = _cpu_around(relay, partial(
+                    _tls_json, env, "bulk", port, direction, size, timeout=size / MIB / 10 + 60))
+                # CPU % over the timed transfer: the relay idles while the ends hash.
+                figures[f"{mode}, {direction}"] = {
+                    "gbit_s": size * 8 / result["seconds"] / 1e9, "mismatches": result["mismatches"],
+                    "relay_cpu_s_per_gib": cpu / (size / GIB), "relay_cpu_pct": 100 * cpu / result["seconds"],
+                }
+        return figures
+
+
+class TLSConnections(Workload):
+    name = "tls-cps"
+    title = "short TLS connections"
+    over_tls = True
+    metrics = ShortConnections.metrics
+    variants = _tls_variants(*tls.KEY_NAMES.values())
+
+    def describe(self, settings: Settings) -> str:
+        return (f"{self.title}: {settings.tls_connections} x (connect, full TLS handshake, 100 B request,"
+                f" 100 B reply, close), {settings.cps_concurrency} at a time, through a server certificate of"
+                " each key type; passthrough: HAProxy on the load CPU terminates in front of the target")
+
+    def measure(self, env: Environment, relay: Running) -> Figures:
+        settings = env.settings
+        figures: Figures = {}
+        for mode in tls.MODES:
+            for kind, key_name in tls.KEY_NAMES.items():
+                port = relay.tcp.get(tls.route(mode, f"reply-{kind}"))
+                if port is None:
+                    continue
+                figures[f"{mode}, {key_name}"] = _connection_figures(*_cpu_around(relay, partial(
+                    _tls_json, env, "cps", port, settings.tls_connections, settings.cps_concurrency,
+                    settings.connect_timeout_ms, timeout=settings.tls_connections * 0.02 + 60)))
+        return figures
+
+
 def all_workloads() -> list[Workload]:
     """Every per-relay workload, in the order they run and are reported."""
     # Latency first, while nothing from an earlier workload is still being torn
     # down; idle pairs next, while the relay has hardly allocated anything.
-    return [Latency(), IdlePairs(), Bulk(), ShortConnections(), Burst(), Datagrams(), Duplex()]
+    return [Latency(), IdlePairs(), Bulk(), ShortConnections(), Burst(), Datagrams(), Duplex(),
+            TLSBulk(), TLSConnections()]

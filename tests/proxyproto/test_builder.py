@@ -1,9 +1,11 @@
 """
 Tests for L{streamrelay.proxyproto.builder}: exact bytes for known headers,
-arguments refused with L{ValueError}, and L{unify_families}.
+arguments refused with L{ValueError}, L{unify_families} and L{tls_tlvs}.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import crc32c
 import pytest
@@ -12,9 +14,11 @@ from streamrelay.proxyproto import (
     MAX_V2_LENGTH,
     V2_SIGNATURE,
     ProxyInfo,
+    SSLInfo,
     build_v1,
     build_v2,
     parse,
+    tls_tlvs,
     unify_families,
 )
 
@@ -197,3 +201,150 @@ def test_unify_families_passes_none_through() -> None:
 def test_unify_families_refuses_hostnames() -> None:
     with pytest.raises(ValueError):
         unify_families(("localhost", 1), V4)
+
+
+# ------------------------------------------------------------------ tls_tlvs
+
+#: What HAProxy 2.6.12 sent (send-proxy-v2-ssl-cn, proxy-v2-options
+#: authority,ssl-cipher,cert-sig,cert-key) for a TLS 1.3 client asking for
+#: x.example and h2 with a certificate for client.example that verified,
+#: HAProxy presenting an RSA 2048 certificate signed with SHA-256; the same
+#: run as test_haproxy.py, kept here so the layout is pinned without haproxy.
+HAPROXY_TLVS = bytes.fromhex(
+    "0100026832"  # ALPN "h2"
+    "020009782e6578616d706c65"  # AUTHORITY "x.example"
+    "200050"  # SSL, 80 bytes:
+    "07"  # PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
+    "00000000"  # verify: the certificate verified
+    "210007544c5376312e33"  # VERSION "TLSv1.3"
+    "22000e636c69656e742e6578616d706c65"  # CN "client.example"
+    "25000752534132303438"  # KEY_ALG "RSA2048"
+    "24000a5253412d534841323536"  # SIG_ALG "RSA-SHA256"
+    "230016544c535f4145535f3235365f47434d5f534841333834"  # CIPHER "TLS_AES_256_GCM_SHA384"
+)
+TRUSTED = SSLInfo(
+    client_ssl=True, client_cert_conn=True, client_cert_sess=True, verified=True, version="TLSv1.3",
+    cipher="TLS_AES_256_GCM_SHA384", sig_alg="RSA-SHA256", key_alg="RSA2048", cn="client.example",
+)
+#: The same facts without the client certificate.
+ANONYMOUS = dataclasses.replace(TRUSTED, client_cert_conn=False, client_cert_sess=False, verified=False, cn=None)
+
+
+def encoded(tlvs: list[tuple[int, bytes]]) -> bytes:
+    return b"".join(bytes([kind]) + len(value).to_bytes(2, "big") + value for kind, value in tlvs)
+
+
+def over_tls(version: str, **fields: object) -> SSLInfo:
+    return SSLInfo(client_ssl=True, version=version, **fields)
+
+
+def test_tls_tlvs_as_haproxy_sends_them() -> None:
+    assert encoded(tls_tlvs(authority="x.example", alpn="h2", ssl=TRUSTED)) == HAPROXY_TLVS
+
+
+@pytest.mark.parametrize(
+    "facts, expected",
+    [
+        pytest.param({}, [], id="nothing"),
+        pytest.param({"alpn": "http/1.1"}, [(0x01, b"http/1.1")], id="alpn"),
+        pytest.param(
+            {"authority": "b\u00fccher.example"}, [(0x02, "b\u00fccher.example".encode())], id="authority-utf8"
+        ),
+        # Not over TLS: HAProxy's five zero bytes.
+        pytest.param({"ssl": SSLInfo(client_ssl=False)}, [(0x20, bytes(5))], id="ssl-not-tls"),
+        # No certificate: verify is zero (HAProxy leaves it so).
+        pytest.param(
+            {"ssl": over_tls("TLSv1.2")},
+            [(0x20, bytes.fromhex("0100000000 210007") + b"TLSv1.2")],
+            id="ssl-no-certificate",
+        ),
+        # A certificate that did not verify: non-zero, OpenSSL's X509_V_ERR_UNSPECIFIED.
+        pytest.param(
+            {"ssl": over_tls("TLSv1.3", client_cert_conn=True, client_cert_sess=True)},
+            [(0x20, bytes.fromhex("0700000001 210007") + b"TLSv1.3")],
+            id="ssl-not-verified",
+        ),
+        pytest.param(
+            {"ssl": over_tls("TLSv1.3", client_cert_sess=True, verified=True)},
+            [(0x20, bytes.fromhex("0500000000 210007") + b"TLSv1.3")],
+            id="ssl-certificate-in-session-only",
+        ),
+    ],
+)
+def test_tls_tlvs(facts: dict, expected: list[tuple[int, bytes]]) -> None:
+    assert tls_tlvs(**{"authority": None, "alpn": None, "ssl": None, **facts}) == expected
+
+
+@pytest.mark.parametrize(
+    "facts",
+    [
+        pytest.param({"authority": "x.example"}, id="authority"),
+        pytest.param({"alpn": "h2"}, id="alpn"),
+        pytest.param({"ssl": SSLInfo(client_ssl=False)}, id="not-tls"),
+        pytest.param({"ssl": over_tls("TLSv1.3")}, id="version"),
+        pytest.param({"ssl": over_tls("TLSv1.2", cipher="ECDHE-RSA-AES128-GCM-SHA256")}, id="cipher"),
+        pytest.param({"ssl": over_tls("TLSv1.3", sig_alg="ecdsa-with-SHA256")}, id="sig-alg"),
+        pytest.param({"ssl": over_tls("TLSv1.3", key_alg="EC256")}, id="key-alg"),
+        pytest.param({"ssl": over_tls("TLSv1.3", client_cert_conn=True, cn="\u00e9")}, id="cn-conn-unverified"),
+        pytest.param({"ssl": over_tls("TLSv1.3", client_cert_sess=True, verified=True)}, id="sess-verified"),
+        pytest.param({"ssl": ANONYMOUS}, id="anonymous"),
+        pytest.param({"authority": "x.example", "alpn": "h2", "ssl": TRUSTED}, id="everything"),
+    ],
+)
+def test_tls_tlvs_round_trip(facts: dict) -> None:
+    full = {"authority": None, "alpn": None, "ssl": None, **facts}
+    header = build_v2(V4, ("5.6.7.8", 2), tlvs=tls_tlvs(**full), crc32c=True)
+    info, _ = parse(header)
+    assert {"authority": info.authority, "alpn": info.alpn, "ssl": info.ssl} == full
+
+
+@pytest.mark.parametrize(
+    "facts, reason",
+    [
+        pytest.param({"alpn": ""}, "ALPN TLV is empty", id="alpn-empty"),
+        pytest.param({"alpn": "a" * 256}, "ALPN TLV is longer than 255 bytes", id="alpn-256"),
+        pytest.param({"authority": ""}, "AUTHORITY TLV is empty", id="authority-empty"),
+        pytest.param({"authority": "\u00fc" * 128}, "longer than 255 bytes", id="authority-256-bytes-in-utf8"),
+        pytest.param({"authority": "\ud800.example"}, "AUTHORITY TLV is not utf-8", id="authority-surrogate"),
+        pytest.param({"ssl": over_tls("TLSv1.3\u00e9")}, "SSL version is not ascii", id="version"),
+        pytest.param({"ssl": over_tls("")}, "SSL version is empty", id="version-empty"),
+        pytest.param({"ssl": over_tls("v", cipher="")}, "SSL cipher is empty", id="cipher-empty"),
+        pytest.param({"ssl": over_tls("v", cn="\udc00")}, "SSL CN is not utf-8", id="cn-surrogate"),
+        pytest.param({"ssl": over_tls("v", cn="a" * 0x10000)}, "longer than 65535", id="cn-64k"),
+        pytest.param(
+            {"ssl": over_tls("v", cipher="a" * 30000, sig_alg="a" * 30000, key_alg="a" * 30000)},
+            "16 bits",
+            id="ssl-tlv-over-64k",
+        ),
+    ],
+)
+def test_tls_tlvs_refused(facts: dict, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        tls_tlvs(**{"authority": None, "alpn": None, "ssl": None, **facts})
+
+
+def test_tls_tlvs_fit_the_header_or_are_refused() -> None:
+    """
+    Each value fits its TLV, but the header as a whole is held to
+    L{MAX_V2_LENGTH} by build_v2, as every header is.
+    """
+    tlvs = tls_tlvs(authority=None, alpn=None, ssl=over_tls("v", cn="a" * 4100))
+    with pytest.raises(ValueError, match="exceeds 4096"):
+        build_v2(V4, ("5.6.7.8", 2), tlvs=tlvs)
+
+
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        pytest.param({"client_ssl": False, "client_cert_conn": True}, "without PP2_CLIENT_SSL", id="cert-without-tls"),
+        pytest.param({"client_ssl": False, "version": "TLSv1.3"}, "without PP2_CLIENT_SSL", id="version-without-tls"),
+        pytest.param({"client_ssl": False, "cn": "x"}, "without PP2_CLIENT_SSL", id="cn-without-tls"),
+        pytest.param({"client_ssl": True}, "without a TLS version", id="tls-without-version"),
+        pytest.param(
+            {"client_ssl": True, "version": "TLSv1.3", "verified": True}, "without a client certificate", id="verified"
+        ),
+    ],
+)
+def test_ssl_info_refuses_what_has_no_meaning(fields: dict, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        SSLInfo(**fields)

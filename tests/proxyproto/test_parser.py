@@ -22,6 +22,7 @@ from streamrelay.proxyproto import (
     Detection,
     InvalidProxyHeader,
     ProxyInfo,
+    SSLInfo,
     detect,
     parse,
 )
@@ -70,6 +71,43 @@ CRC_TCP4 = with_crc32c(0x21, 0x11, ADDRESSES4)
 V1_UNKNOWN_INFO = ProxyInfo(1, "UNKNOWN", "UNSPEC", None, None)
 V2_LOCAL_INFO = ProxyInfo(2, "LOCAL", "UNSPEC", None, None)
 SSL_TLV = tlv(0x20, b"\x07\x00\x00\x00\x00" + tlv(0x21, b"TLSv1.3") + tlv(0x22, b"client"))
+VERSION = tlv(0x21, b"TLSv1.3")
+
+
+def tcp4(tlvs: bytes) -> bytes:
+    """A v2 PROXY header for TCP over IPv4 carrying C{tlvs}."""
+    return v2(0x21, 0x11, ADDRESSES4 + tlvs)
+
+
+def ssl_tlv(client: int, *subtlvs: bytes, verify: int = 0) -> bytes:
+    """A PP2_TYPE_SSL TLV: the client bits, verify, then sub-TLVs."""
+    return tlv(0x20, bytes([client]) + verify.to_bytes(4, "big") + b"".join(subtlvs))
+
+
+# Headers real senders sent, byte for byte.
+#: HAProxy, send-proxy-v2-ssl-cn, a client certificate that verified
+#: (go-proxyproto, tlvparse/ssl_test.go, "SSL haproxy cn").
+HAPROXY_SSL_CN = bytes.fromhex(
+    "0d0a0d0a000d0a515549540a211100407f0000017f000001cc8a232e2000310700000000210007544c5376312e3322001f"
+    "4578616d706c6520436f6d6d6f6e204e616d6520436c69656e742043657274"
+)
+#: HAProxy, proxy-v2-options ssl-cipher, no client certificate, IPv4-mapped
+#: addresses (go-proxyproto, tlvparse/ssl_test.go, "SSL haproxy cipher").
+HAPROXY_SSL_CIPHER = bytes.fromhex(
+    "0d0a0d0a000d0a515549540a2121004f00000000000000000000ffff0a015b0e00000000000000000000ffff0a01019f"
+    "f47c01bb2000280100000000210007544c5376312e33230016544c535f4145535f3235365f47434d5f534841333834"
+)
+#: An AWS Network Load Balancer behind a PrivateLink endpoint service:
+#: CRC32C, the endpoint id, NOOP padding (AWS's elastic-load-balancing-tools,
+#: proprot/tst/.../Compatibility_AwsNetworkLoadBalancerTest.java, as quoted
+#: in go-proxyproto's tlvparse/aws_test.go).
+AWS_VPCE = bytes.fromhex(
+    "0d0a0d0a000d0a515549540a21110054ac1f0771ac1f0a1fc8f20050030004e8d6892dea001701767063652d30386432"
+    "62663135666163353030316339040024"
+) + bytes(36)
+#: Google Private Service Connect: the tcpdump in Google's PSC codelab
+#: ("Enable Proxy Protocol"), pscConnectionId 43686719580552292.
+GCP_PSC = bytes.fromhex("0d0a0d0a000d0a515549540a211100170a003c020a003c6481380050e00008009b34d70a003c64")
 
 VALID = [
     # -- v1
@@ -175,6 +213,32 @@ VALID = [
         with_crc32c(0x20, 0x00, b""),
         dataclasses.replace(V2_LOCAL_INFO, tlvs=((0x03, with_crc32c(0x20, 0x00, b"")[-4:]),)),
         id="v2-local-crc32c",
+    ),
+    # -- captured from real senders
+    pytest.param(
+        HAPROXY_SSL_CN,
+        proxy(2, ("127.0.0.1", 52362), ("127.0.0.1", 9006), tlvs=((0x20, HAPROXY_SSL_CN[31:]),)),
+        id="v2-haproxy-ssl-cn",
+    ),
+    pytest.param(
+        HAPROXY_SSL_CIPHER,
+        proxy(2, ("::ffff:10.1.91.14", 62588), ("::ffff:10.1.1.159", 443), tlvs=((0x20, HAPROXY_SSL_CIPHER[55:]),)),
+        id="v2-haproxy-ssl-cipher",
+    ),
+    pytest.param(
+        AWS_VPCE,
+        proxy(
+            2,
+            ("172.31.7.113", 51442),
+            ("172.31.10.31", 80),
+            tlvs=((0x03, AWS_VPCE[31:35]), (0xEA, b"\x01vpce-08d2bf15fac5001c9"), (0x04, bytes(36))),
+        ),
+        id="v2-aws-vpce",
+    ),
+    pytest.param(
+        GCP_PSC,
+        proxy(2, ("10.0.60.2", 33080), ("10.0.60.100", 80), tlvs=((0xE0, GCP_PSC[-8:]),)),
+        id="v2-gcp-psc",
     ),
 ]
 
@@ -339,6 +403,36 @@ MALFORMED = [
     pytest.param(
         v2(0x21, 0x11, ADDRESSES4 + tlv(0x03, bytes(4)) + tlv(0x03, bytes(4))), "duplicate CRC32C", id="v2-crc32c-twice"
     ),
+    # -- v2 values of the TLVs ProxyInfo decodes (the checksum is checked first)
+    pytest.param(
+        with_crc32c(0x21, 0x11, ADDRESSES4 + tlv(0x01, b""))[:-1] + b"\x00", "CRC32c mismatch", id="v2-crc-before-value"
+    ),
+    pytest.param(with_crc32c(0x21, 0x11, ADDRESSES4 + tlv(0x01, b"")), "ALPN TLV is empty", id="v2-alpn-empty"),
+    pytest.param(tcp4(tlv(0x01, b"a" * 256)), "ALPN TLV is longer than 255", id="v2-alpn-256"),
+    pytest.param(tcp4(tlv(0x01, b"h\xff")), "ALPN TLV is not utf-8", id="v2-alpn-not-utf8"),
+    pytest.param(tcp4(tlv(0x02, b"")), "AUTHORITY TLV is empty", id="v2-authority-empty"),
+    pytest.param(tcp4(tlv(0x02, b"a" * 256)), "AUTHORITY TLV is longer than 255", id="v2-authority-256"),
+    pytest.param(tcp4(tlv(0x02, b"\xc3(.example")), "AUTHORITY TLV is not utf-8", id="v2-authority-not-utf8"),
+    pytest.param(tcp4(tlv(0x20, b"")), "SSL TLV shorter than 5", id="v2-ssl-empty"),
+    pytest.param(tcp4(tlv(0x20, b"\x01\x00\x00\x00")), "SSL TLV shorter than 5", id="v2-ssl-4-bytes"),
+    pytest.param(tcp4(ssl_tlv(1, VERSION, b"\x22\x00")), "truncated TLV", id="v2-ssl-sub-tlv-cut"),
+    pytest.param(
+        tcp4(ssl_tlv(1, tlv(0x21, b"TLSv1.3", length=8))), "TLV overruns the SSL TLV", id="v2-ssl-sub-tlv-overrun"
+    ),
+    pytest.param(tcp4(ssl_tlv(1)), "PP2_CLIENT_SSL without a TLS version", id="v2-ssl-no-version"),
+    pytest.param(tcp4(ssl_tlv(1, tlv(0x21, b""))), "SSL version is empty", id="v2-ssl-version-empty"),
+    pytest.param(
+        tcp4(ssl_tlv(1, tlv(0x21, "TLSv1.3\u00e9".encode()))), "SSL version is not ascii", id="v2-ssl-version-not-ascii"
+    ),
+    pytest.param(tcp4(ssl_tlv(1, VERSION, tlv(0x23, b"\xff"))), "SSL cipher is not ascii", id="v2-ssl-cipher"),
+    pytest.param(tcp4(ssl_tlv(1, VERSION, tlv(0x24, b""))), "signature algorithm is empty", id="v2-ssl-sig-alg"),
+    pytest.param(tcp4(ssl_tlv(1, VERSION, tlv(0x25, b"\x80"))), "key algorithm is not ascii", id="v2-ssl-key-alg"),
+    pytest.param(tcp4(ssl_tlv(7, VERSION, tlv(0x22, b"\xff"))), "SSL CN is not utf-8", id="v2-ssl-cn"),
+    pytest.param(tcp4(ssl_tlv(1, VERSION, tlv(0x21, b""))), "SSL version is empty", id="v2-ssl-later-duplicate"),
+    pytest.param(tcp4(ssl_tlv(6)), "TLS facts without PP2_CLIENT_SSL", id="v2-ssl-certificate-without-tls"),
+    pytest.param(tcp4(ssl_tlv(0, VERSION)), "TLS facts without PP2_CLIENT_SSL", id="v2-ssl-version-without-tls"),
+    pytest.param(tcp4(SSL_TLV + tlv(0x20, b"")), "SSL TLV shorter", id="v2-second-ssl-tlv"),
+    pytest.param(v2(0x20, 0x00, tlv(0x20, b"\x01")), "SSL TLV shorter", id="v2-local-ssl"),
 ]
 
 
@@ -495,6 +589,118 @@ def test_info_properties() -> None:
     info6 = proxy(1, ("::1", 1), ("::2", 2))
     assert (info6.family, info6.unique_id) == (6, None)
     assert (V2_LOCAL_INFO.family, V1_UNKNOWN_INFO.family) == (None, None)
+    assert (info6.alpn, info6.authority, info6.ssl, info6.vendor) == (None, None, None, {})
+
+
+def decoded(tlvs: bytes) -> ProxyInfo:
+    info, _ = parse(tcp4(tlvs))
+    return info
+
+
+TLS13 = SSLInfo(client_ssl=True, version="TLSv1.3")
+CERTIFICATE = dataclasses.replace(TLS13, client_cert_conn=True, client_cert_sess=True)
+VERIFIED = dataclasses.replace(CERTIFICATE, verified=True)
+
+
+@pytest.mark.parametrize(
+    "header, authority, alpn, ssl",
+    [
+        pytest.param(
+            HAPROXY_SSL_CN, None, None, dataclasses.replace(VERIFIED, cn="Example Common Name Client Cert"), id="cn"
+        ),
+        pytest.param(
+            HAPROXY_SSL_CIPHER, None, None, dataclasses.replace(TLS13, cipher="TLS_AES_256_GCM_SHA384"), id="cipher"
+        ),
+        pytest.param(
+            tcp4(tlv(0x01, b"h2") + tlv(0x02, b"example.com") + tlv(0x04, bytes(5)) + SSL_TLV),
+            "example.com",
+            "h2",
+            dataclasses.replace(VERIFIED, cn="client"),
+            id="all-three",
+        ),
+    ],
+)
+def test_tls_properties(header: bytes, authority: str | None, alpn: str | None, ssl: SSLInfo) -> None:
+    info, _ = parse(header)
+    assert (info.authority, info.alpn, info.ssl, info.vendor) == (authority, alpn, ssl, {})
+
+
+@pytest.mark.parametrize(
+    "tlvs, expected",
+    [
+        # Without a certificate verify means nothing: HAProxy sends 0, the
+        # spec's wording non-zero, go-proxyproto's tests 1 without TLS.
+        pytest.param(ssl_tlv(1, VERSION), TLS13, id="no-certificate-verify-0"),
+        pytest.param(ssl_tlv(1, VERSION, verify=18), TLS13, id="no-certificate-verify-18"),
+        pytest.param(ssl_tlv(0, verify=1), SSLInfo(client_ssl=False), id="not-tls"),
+        pytest.param(ssl_tlv(7, VERSION, verify=18), CERTIFICATE, id="not-verified"),
+        pytest.param(ssl_tlv(7, VERSION), VERIFIED, id="verified"),
+        pytest.param(
+            ssl_tlv(3, VERSION), dataclasses.replace(VERIFIED, client_cert_sess=False), id="connection-only"
+        ),
+        pytest.param(ssl_tlv(5, VERSION), dataclasses.replace(VERIFIED, client_cert_conn=False), id="session-only"),
+        # Later revisions of the spec add sub-TLVs (0x26 group, 0x28 the
+        # client certificate): ignored, as are client bits it does not define.
+        pytest.param(
+            ssl_tlv(0xF9, tlv(0x26, b"X25519"), VERSION, tlv(0x28, b"\x30\x03\x01")), TLS13, id="unknown-sub-tlvs-bits"
+        ),
+        pytest.param(ssl_tlv(1, VERSION, tlv(0x21, b"TLSv1.2")), TLS13, id="first-version"),
+        pytest.param(SSL_TLV + ssl_tlv(0), dataclasses.replace(VERIFIED, cn="client"), id="first-ssl-tlv"),
+        pytest.param(
+            ssl_tlv(7, VERSION, tlv(0x22, "J\u00fcrgen \u00c7elik".encode())),
+            dataclasses.replace(VERIFIED, cn="J\u00fcrgen \u00c7elik"),
+            id="cn-utf8",
+        ),
+    ],
+)
+def test_ssl_tlv(tlvs: bytes, expected: SSLInfo) -> None:
+    assert decoded(tlvs).ssl == expected
+
+
+def test_authority_and_alpn_are_utf8_and_first_wins() -> None:
+    info = decoded(tlv(0x02, "b\u00fccher.example".encode()) + tlv(0x02, b"x") + tlv(0x01, b"\x00") + tlv(0x01, b"h2"))
+    assert (info.authority, info.alpn) == ("b\u00fccher.example", "\x00")
+
+
+@pytest.mark.parametrize(
+    "tlvs, vendor",
+    [
+        # The captures' TLVs (without AWS's CRC32C, which covers its own header).
+        pytest.param(AWS_VPCE[35:], {"aws_vpce_id": "vpce-08d2bf15fac5001c9"}, id="aws-capture"),
+        pytest.param(GCP_PSC[28:], {"gcp_psc_id": "43686719580552292"}, id="gcp-capture"),
+        # go-proxyproto's test vectors (tlvparse/azure_test.go, gcp_test.go).
+        pytest.param(tlv(0xEE, bytes.fromhex("01c1450021")), {"azure_linkid": "553665985"}, id="azure"),
+        pytest.param(tlv(0xE0, bytes.fromhex("ffffffffc0a86402")), {"gcp_psc_id": "18446744072646845442"}, id="gcp"),
+        pytest.param(
+            tlv(0xEA, b"\x01vpce-abc123") + tlv(0xEE, bytes.fromhex("01c1450021")) + tlv(0xE0, bytes(8)),
+            {"aws_vpce_id": "vpce-abc123", "azure_linkid": "553665985", "gcp_psc_id": "0"},
+            id="all-three",
+        ),
+        # The first TLV in the vendor's layout counts (go: "Multiple TLVs").
+        pytest.param(
+            tlv(0xEE, b"\x02\x01\x01\x01\x01")
+            + tlv(0xEE, b"\x02\x01\x01")
+            + tlv(0xEE, bytes.fromhex("01c1450021"))
+            + tlv(0xEE, bytes.fromhex("01c1450022")),
+            {"azure_linkid": "553665985"},
+            id="azure-first-well-formed",
+        ),
+        # Another layout is someone else's use of the shared range: left
+        # out, and the header stands.
+        pytest.param(tlv(0xEA, b"\x02vpce-abc123"), {}, id="aws-other-subtype"),
+        pytest.param(tlv(0xEA, b"\x01vcpe-!?***&&&&&&&"), {}, id="aws-bad-characters"),
+        pytest.param(tlv(0xEA, b"\x01"), {}, id="aws-empty-id"),
+        pytest.param(tlv(0xEA, b""), {}, id="aws-empty"),
+        pytest.param(tlv(0xEE, bytes.fromhex("02c1450021")), {}, id="azure-other-subtype"),
+        pytest.param(tlv(0xEE, bytes.fromhex("01c14500")), {}, id="azure-4-bytes"),
+        pytest.param(tlv(0xEE, bytes.fromhex("01c145002100")), {}, id="azure-6-bytes"),
+        pytest.param(tlv(0xE0, bytes(7)), {}, id="gcp-7-bytes"),
+        pytest.param(tlv(0xE0, bytes(9)), {}, id="gcp-9-bytes"),
+        pytest.param(tlv(0xE1, b"\x01alibaba") + tlv(0xEF, b"") + tlv(0xFF, bytes(8)), {}, id="other-types"),
+    ],
+)
+def test_vendor_tlvs(tlvs: bytes, vendor: dict[str, str]) -> None:
+    assert decoded(tlvs).vendor == vendor
 
 
 def test_info_is_frozen_with_slots() -> None:

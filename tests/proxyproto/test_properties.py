@@ -12,14 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamrelay.proxyproto import (
+    PP2_TYPE_ALPN,
+    PP2_TYPE_AUTHORITY,
     PP2_TYPE_CRC32C,
+    PP2_TYPE_SSL,
     V1_SIGNATURE,
     V2_SIGNATURE,
     InvalidProxyHeader,
     ProxyInfo,
+    SSLInfo,
     build_v1,
     build_v2,
     parse,
+    tls_tlvs,
 )
 from streamrelay.proxyproto.info import canonical_host
 
@@ -51,12 +56,47 @@ def canonical(endpoint: tuple[str, int]) -> tuple[str, int]:
     return canonical_host(ipaddress.ip_address(endpoint[0])), endpoint[1]
 
 
+#: TLVs of any type whose value the parser does not check.
 tlv_lists = st.lists(
     st.tuples(
-        st.integers(min_value=0, max_value=0xFF).filter(lambda kind: kind != PP2_TYPE_CRC32C),
+        st.integers(min_value=0, max_value=0xFF).filter(
+            lambda kind: kind not in (PP2_TYPE_CRC32C, PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, PP2_TYPE_SSL)
+        ),
         st.binary(max_size=64),
     ),
     max_size=6,
+)
+
+#: Text in any script (no lone surrogates: they have no UTF-8 form).
+utf8_text = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=30)
+ascii_text = st.text(st.characters(max_codepoint=0x7F), min_size=1, max_size=30)
+
+
+@st.composite
+def ssl_infos(draw: st.DrawFn) -> SSLInfo:
+    """
+    Any TLS facts L{SSLInfo} accepts.
+    """
+    if not draw(st.booleans()):
+        return SSLInfo(client_ssl=False)
+    conn, sess = draw(st.booleans()), draw(st.booleans())
+    optional_ascii = st.none() | ascii_text
+    return SSLInfo(
+        client_ssl=True,
+        client_cert_conn=conn,
+        client_cert_sess=sess,
+        verified=(conn or sess) and draw(st.booleans()),
+        version=draw(ascii_text),
+        cipher=draw(optional_ascii),
+        sig_alg=draw(optional_ascii),
+        key_alg=draw(optional_ascii),
+        cn=draw(st.none() | utf8_text),
+    )
+
+
+#: Keyword arguments for L{tls_tlvs}.
+tls_facts = st.fixed_dictionaries(
+    {"authority": st.none() | utf8_text, "alpn": st.none() | utf8_text, "ssl": st.none() | ssl_infos()}
 )
 
 
@@ -74,7 +114,7 @@ def valid_headers(draw: st.DrawFn) -> bytes:
         destination,
         command=draw(st.sampled_from(["PROXY", "LOCAL"])),
         transport=draw(st.sampled_from(["TCP", "UDP"])),
-        tlvs=draw(tlv_lists),
+        tlvs=tls_tlvs(**draw(tls_facts)) + draw(tlv_lists),
         crc32c=draw(st.booleans()),
     )
 
@@ -90,7 +130,10 @@ def outcome(data: bytes) -> tuple[ProxyInfo, int] | str | None:
         assert str(error)
         return "invalid"
     if result is not None:
-        assert 0 < result[1] <= len(data)
+        info, length = result
+        assert 0 < length <= len(data)
+        # What parse() accepts, the properties decode.
+        assert (info.alpn, info.authority, info.ssl, info.vendor) is not None
     return result
 
 
@@ -130,6 +173,18 @@ def test_v2_round_trip(endpoints, command: str, transport: str, tlvs, crc: bool,
         assert (info.transport, info.source, info.destination) == ("UNSPEC", None, None)
     assert info.tlvs[: len(tlvs)] == tuple(tlvs)
     assert [kind for kind, _ in info.tlvs[len(tlvs) :]] == ([PP2_TYPE_CRC32C] if crc else [])
+
+
+@SETTINGS
+@given(facts=tls_facts, others=tlv_lists, crc=st.booleans())
+def test_tls_tlvs_round_trip(facts: dict, others: list[tuple[int, bytes]], crc: bool) -> None:
+    """
+    Whatever TLS facts the relay has, the header built from them says the
+    same to a receiver, among any other TLVs.
+    """
+    header = build_v2(("192.0.2.1", 1), ("192.0.2.2", 2), tlvs=tls_tlvs(**facts) + others, crc32c=crc)
+    info, _ = parse(header)
+    assert (info.authority, info.alpn, info.ssl) == (facts["authority"], facts["alpn"], facts["ssl"])
 
 
 # --------------------------------------------------------------- robustness
