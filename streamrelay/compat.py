@@ -23,7 +23,8 @@ from twisted.internet.interfaces import Binding, IProtocol, IProtocolFactory, IR
 from twisted.python.failure import Failure
 
 __all__ = [
-    "LimitedPort", "SessionPort", "adopt_limited", "hand_back", "inherited_sockets", "listen_limited", "swap_protocol",
+    "LimitedPort", "SessionPort", "adopt_limited", "connection_under", "hand_back", "inherited_sockets", "listen_limited",
+    "swap_protocol",
 ]
 
 
@@ -92,6 +93,17 @@ def hand_back(connection: tcp.Connection, reason: Failure) -> None:
     protocol (or its half-close methods' owner) why.
     """
     connection.connectionLost(reason)
+
+
+def connection_under(transport: object) -> tcp.Connection:
+    """
+    The TCP connection under C{transport} and the layers a relay puts over
+    it (an inbound PROXY header's wrapper, a ClientHello peek, TLS), each of
+    which keeps the one below as its C{transport}.
+    """
+    while not isinstance(transport, tcp.Connection):
+        transport = getattr(transport, "transport")
+    return transport
 
 
 def swap_protocol(transport: Any, protocol: IProtocol) -> None:

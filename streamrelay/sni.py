@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
@@ -38,7 +37,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from .addresses import describe
 from .clienthello import ClientHello, HelloReader, InvalidClientHello, NameTable
-from .compat import swap_protocol
+from .compat import connection_under, swap_protocol
 from .inbound import ProxyHeaderFactory
 
 if TYPE_CHECKING:
@@ -117,18 +116,10 @@ class HelloPeek(ProtocolWrapper):
             return
         inner = service.entrance.buildProtocol(self.getPeer())
         self.wrappedProtocol = inner
-        swap_protocol(_connection(self), inner)  # out of the data path from now on
+        swap_protocol(connection_under(self), inner)  # out of the data path from now on
         inner.makeConnection(self)  # provides the transport's interfaces
         data, self.received = self.received, b""
         inner.dataReceived(data)
-
-
-def _connection(protocol: HelloPeek) -> tcp.Connection:
-    """The TCP connection under the peek (and under an inbound PROXY header's wrapper)."""
-    transport: object = protocol.transport
-    while not isinstance(transport, tcp.Connection):
-        transport = getattr(transport, "transport")
-    return transport
 
 
 def server_name(transport: object) -> str | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer
@@ -32,6 +31,7 @@ from . import events, splice
 from .addresses import HOLD_LIMIT, RUN_ID, describe, join_host_port
 from .bandwidth import Meter, Shaper
 from .config import RouteConfig
+from .compat import connection_under
 from .dial import Dial, is_ip_literal, resolve
 from .events import RefusalLog, RouteEvents
 from .gateway import BAD_LINE, DIAL_FAILED, DIAL_TIMEOUT, OK, Gateway, answer
@@ -872,9 +872,7 @@ def accepted_port(transport: object) -> int:
     and the layers over it (TLS, an inbound PROXY header's wrapper, whose
     C{getHost} answers with the header's destination).
     """
-    while not isinstance(transport, tcp.Server):
-        transport = getattr(transport, "transport")
-    port: int = transport.getHost().port
+    port: int = connection_under(transport).getHost().port
     return port
 
 

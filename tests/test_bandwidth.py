@@ -147,7 +147,7 @@ def test_a_client_that_comes_back_gets_no_fresh_burst() -> None:
 def test_idle_clients_expire_once_refilled_and_are_capped() -> None:
     clock = Clock()
     shaper = Shaper(Bandwidth(per_client=both("1MiB/s")), clock, max_idle_clients=1000)
-    for i in range(100_000):  # a spoofed-source flood: every session a new client, over at once
+    for i in range(20_000):  # a spoofed-source flood: every session a new client, over at once
         for meter in shaper.open(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"):
             assert meter is not None
             meter.charge(1)

@@ -10,7 +10,8 @@ path:
   constructor taking a C{makeBinding} as its port (C{reuse_port});
 - C{tcp.Connection.connectionLost} closing the socket and telling the
   protocol (L{compat.hand_back});
-- C{tcp.Connection.protocol} being read on every event (L{compat.swap_protocol});
+- C{tcp.Connection.protocol} being read on every event (L{compat.swap_protocol}),
+  and found below wrappers that keep it as their C{transport} (L{compat.connection_under});
 - C{udp.Port._connectedAddr}, C{socket}, C{maxPacketSize} and C{protocol},
   as L{compat.SessionPort.doRead} uses them.
 
@@ -34,6 +35,7 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
@@ -239,6 +241,17 @@ class ConnectionTests(TestCase):
         transport.loseConnection()
         await until(lambda: second.reason is not None)
         self.assertEqual((first.data, first.eof, first.reason), (b"", False, None))
+
+    async def test_the_connection_under_wrappers_that_keep_their_transport(self) -> None:
+        protocol, peer = await self.accept_one()
+        transport = connection(protocol)
+        outer = ProtocolWrapper(WrappingFactory(Factory()), Recorder())
+        outer.makeConnection(transport)
+        innermost = Recorder()
+        innermost.makeConnection(outer)  # a layer over the wrapper, as TLS over a PROXY header's reader
+        self.assertIs(compat.connection_under(innermost.transport), transport)
+        self.assertIs(compat.connection_under(transport), transport)
+        peer.close()
 
 
 class Datagrams(DatagramProtocol):
