@@ -16,7 +16,8 @@ and L{Meter.charge} afterwards (a bucket may go into debt by one read), the
 splice engine asks L{Meter.allowance} how much it may move before it reads,
 and a datagram passes L{Meter.admit} whole or is dropped.  A reader that
 has to wait stops reading until L{Meter.delay} has passed: no byte is held
-in the process meanwhile.
+in the process meanwhile.  A meter leases bytes from its buckets ahead of
+use, so a limit that is never reached costs a subtraction per read.
 
 The per-client table keeps the clients with open connections, and the
 others until their buckets have refilled (a client that reconnects gets no
@@ -30,6 +31,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import partial
 from typing import Callable, Final, Literal
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -277,7 +279,7 @@ class Shaper:
             release = None
             if direction in shared:
                 self.clients[client].users += 1
-                release = lambda: self.leave(client)  # noqa: E731 - one per meter, called once
+                release = partial(self.leave, client)
             names, buckets = zip(*chosen)
             meters.append(Meter(buckets, names, self.reactor, release))
         return meters[0], meters[1]

@@ -64,6 +64,11 @@ def describe(route: RouteConfig) -> str:
     notes.extend(f"{limit} {getattr(route, limit)}" for limit in limits if getattr(route, limit))
     if route.rate_limit is not None:
         notes.append("rate_limit " + " ".join(f"{key} {value}" for key, value in _rate_limit(route.rate_limit).items()))
+    if route.bandwidth is not None:
+        notes.append("bandwidth " + " ".join(
+            f"{key} {value}" if isinstance(value, str) else f"{key} " + " ".join(f"{d} {r}" for d, r in value.items())
+            for key, value in _bandwidth(route.bandwidth).items()
+        ))
     if route.targets:
         balance, check = route.load_balance, route.healthcheck
         notes.append(f"load_balance {balance.mode}" + (" sticky" if balance.sticky else ""))

@@ -230,7 +230,9 @@ class LineObserver:
         line): at start, and in a forked child, whose copies of the locks may
         be held by a writer thread that the child does not have.
         """
-        lock = threading.Lock()
+        # Re-entrant: a signal handler (twistd's SIGTERM logs a line) runs on
+        # the main thread, maybe while that thread is inside _put already.
+        lock = threading.RLock()
         self.wake = threading.Condition(lock)  # the writer waits here for lines
         self.idle = threading.Condition(lock)  # flush() waits here for the writer
         self.pending: list[str] = []

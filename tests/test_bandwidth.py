@@ -167,7 +167,8 @@ def test_a_reload_keeps_the_buckets_while_the_setting_stays() -> None:
     service.configure(dataclasses.replace(route, retries=3), NO_HOOKS, service.events)
     assert service.factory.shaper is first
     old = service.factory
-    service.configure(dataclasses.replace(route, bandwidth=Bandwidth(per_route=both("1MiB/s"))), NO_HOOKS, service.events)
+    changed = dataclasses.replace(route, bandwidth=Bandwidth(per_route=both("1MiB/s")))
+    service.configure(changed, NO_HOOKS, service.events)
     assert service.factory.shaper is not first
     assert old.shaper is first  # its pairs keep their limits
     service.configure(dataclasses.replace(route, bandwidth=None), NO_HOOKS, service.events)
@@ -271,6 +272,7 @@ def test_bandwidth_in_defaults() -> None:
 
 
 RATE_EXPECTED = "a rate such as 10MiB/s (B, kB, KiB, MB, MiB, GB or GiB per second; from 1B/s to 1024GiB/s)"
+DIRECTIONS_EXPECTED = "a rate or {up: RATE, down: RATE} (one or both)"
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -282,8 +284,8 @@ RATE_EXPECTED = "a rate such as 10MiB/s (B, kB, KiB, MB, MiB, GB or GiB per seco
     ("{per_connection: 0.5B/s}", f"expected per_connection as {RATE_EXPECTED}"),
     ("{per_route: 1025GiB/s}", f"expected per_route as {RATE_EXPECTED}"),
     ("{per_client: {up: fast}}", f"expected per_client.up as {RATE_EXPECTED}"),
-    ("{per_client: {up: 1MiB/s, left: 1MiB/s}}", "expected per_client as a rate or {up: RATE, down: RATE} (one or both)"),
-    ("{per_client: {}}", "expected per_client as a rate or {up: RATE, down: RATE} (one or both)"),
+    ("{per_client: {up: 1MiB/s, left: 1MiB/s}}", f"expected per_client as {DIRECTIONS_EXPECTED}"),
+    ("{per_client: {}}", f"expected per_client as {DIRECTIONS_EXPECTED}"),
     ("{per_second: 1MiB/s}", "expected only per_connection, per_client, per_route (not 'per_second')"),
     ("{}", "expected a mapping with per_connection, per_client, per_route (one or more)"),
     ("10MiB/s", "expected a mapping with per_connection, per_client, per_route (one or more)"),

@@ -162,6 +162,28 @@ def test_lines_beyond_the_bound_are_dropped_and_counted(pipe) -> None:
     assert re.fullmatch(STAMP + r" \[test#info\] after the gap", after)
 
 
+def test_a_line_logged_from_inside_a_line_does_not_deadlock(pipe) -> None:
+    """
+    twistd's SIGTERM handler logs a line on the main thread, which may be
+    inside the observer already (a signal lands between any two bytecodes):
+    the nested line goes through instead of waiting for itself.
+    """
+    observer = LineObserver(pipe[1], events._text_line)
+    log = Logger(namespace="test", observer=observer)
+    log.info("first")
+    finished = threading.Event()
+
+    def nested() -> None:
+        with observer.wake:  # as if interrupted inside _put
+            log.info("from the signal handler")
+        finished.set()
+
+    caller = threading.Thread(target=nested, daemon=True)
+    caller.start()
+    assert finished.wait(DEADLINE)
+    assert "from the signal handler" in read_until(pipe[0], "from the signal handler")
+
+
 #: A twistd application that logs C{COUNT} lines numbered from C{FIRST} for
 #: each C{"FIRST COUNT"} line it receives, then replies with how many log
 #: lines were dropped so far.  Its port goes into the file C{port}.
