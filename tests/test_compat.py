@@ -26,7 +26,6 @@ import select
 import socket
 import struct
 import sys
-import time
 from typing import Any, Callable
 
 from twisted.internet import reactor, tcp
@@ -34,7 +33,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -42,17 +40,10 @@ from zope.interface import implementer
 
 from streamrelay import compat
 from streamrelay.udp import MAX_DATAGRAM
+from tests.reactor import until
 
 DEADLINE = 10.0
 
-
-async def until(predicate: Callable[[], Any], timeout: float = DEADLINE) -> None:
-    """Let the reactor run until C{predicate()} is true; fail after C{timeout} seconds."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"not true within {timeout}s: {predicate}")
-        await deferLater(reactor, 0.005)
 
 
 def wait_readable(sock: socket.socket) -> None:

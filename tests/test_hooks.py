@@ -5,7 +5,7 @@ loopback sockets: C{make_service(config, hooks=...)} as a C{.tac} would use it.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredQueue
@@ -20,6 +20,7 @@ from zope.interface import implementer
 from streamrelay import ConnectionContext, Hooks, Refused, make_service, parse_config
 from streamrelay.service import UDPRouteService
 from streamrelay.udp import MAX_DATAGRAM
+from tests.reactor import until
 
 
 @implementer(IHalfCloseableProtocol)
@@ -199,14 +200,6 @@ class DatagramClient(DatagramProtocol):
         host = self.transport.getHost()
         return host.host, host.port
 
-
-async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
-    """Let the reactor run until C{predicate()} holds; fail after C{timeout} seconds."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await deferLater(reactor, 0.01)
 
 
 class DatagramHookTests(TestCase):

@@ -37,19 +37,12 @@ from streamrelay.config import TLSConfig, UpstreamTLSConfig
 from streamrelay.tlscontext import client_context, server_context
 from streamrelay.tlslayer import BUFFER_SIZE, TLSFacts, TLSHandshakeError, TLSLayer
 from tests.tls_ca import Issued, TestCA, ecdsa_ca, other_ca, tls_ca  # noqa: F401  (fixtures)
+from tests.reactor import until
 
 MIB = 1 << 20
 DEADLINE = 10.0
 CHUNK = 65536
 
-
-async def until(predicate: Callable[[], Any], timeout: float = DEADLINE) -> None:
-    """Let the reactor run until C{predicate()} is true; fail after C{timeout} seconds."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"not true within {timeout}s: {predicate}")
-        await deferLater(reactor, 0.005)
 
 
 async def stalled(count: Callable[[], int], timeout: float = DEADLINE) -> int:
