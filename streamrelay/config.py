@@ -486,6 +486,62 @@ class UpstreamTLSConfig:
     digest: str = ""
 
 
+#: The ALPN protocol that selects a GoDoxy agent's stream tunnel.
+AGENT_ALPN: Final = "godoxy-agent-stream/1"
+#: The agent's pseudo-route, under which its tunnels are logged and counted.
+AGENT_ROUTE: Final = "@agent"
+
+
+@dataclass(frozen=True)
+class AgentLinkConfig:
+    """One entry of C{agents}: an agent that routes with C{agent: NAME} reach their targets through."""
+
+    name: str
+    host: str
+    port: int
+    ca: str
+    cert: str
+    key: str
+    server_name: str = "godoxy.agent"
+    digest: str = ""
+
+    @property
+    def upstream(self) -> UpstreamTLSConfig:
+        """The mutual TLS towards the agent: our certificate, its name and CA checked, the tunnel's ALPN."""
+        return UpstreamTLSConfig(
+            server_name=self.server_name, ca=self.ca, cert=self.cert, key=self.key, alpn=(AGENT_ALPN,)
+        )
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """C{agent}: serve GoDoxy agent tunnels (and the status resources) on one mutual-TLS port."""
+
+    bind: str
+    port: int
+    ca: str
+    cert: str
+    key: str
+    allow_targets: tuple[TargetRule, ...]
+    header_timeout: float = 10.0
+    digest: str = ""
+
+    @property
+    def tls(self) -> TLSConfig:
+        """Client certificates from C{ca} required; ALPN picks the tunnel or HTTP."""
+        return TLSConfig(
+            cert=self.cert, key=self.key, client_ca=self.ca, verify_client="require", alpn=(AGENT_ALPN, "http/1.1"),
+        )
+
+    @property
+    def route(self) -> RouteConfig:
+        """The pseudo-route of the tunnels: its listening port, its TLS, no fixed target."""
+        return RouteConfig(
+            name=AGENT_ROUTE, scheme="tcp", bind=self.bind, listen_port=self.port, host="", target_port=0,
+            tls=self.tls, splice=False,
+        )
+
+
 @dataclass(frozen=True)
 class RouteConfig:
     """One route: where it listens, where it relays to, and how."""
@@ -542,6 +598,8 @@ class RouteConfig:
     targets: tuple[TargetSpec, ...] = ()
     load_balance: LoadBalance = LoadBalance()
     healthcheck: HealthCheck | None = None
+    #: Reach the target through this agent (L{streamrelay.agent}): the agent dials C{host}:C{target_port}.
+    agent: AgentLinkConfig | None = None
 
     @property
     def protocol(self) -> RouteProtocol:
@@ -618,6 +676,8 @@ class Config:
     shutdown_timeout: float = 10.0
     status: StatusConfig | None = None
     resolver: ResolverConfig = ResolverConfig()
+    agent: AgentConfig | None = None
+    agents: tuple[AgentLinkConfig, ...] = ()
 
 
 #: Who may read the status endpoint when its block has no C{acl}: loopback.
@@ -675,13 +735,17 @@ TUNABLES: Mapping[str, _Tunable] = {
 _TARGETS_FIELDS = ("targets", "load_balance", "healthcheck", "max_fails", "fail_timeout")
 _ROUTE_ONLY = (
     "scheme", "bind", "host", "port", "proxy_protocol", "acl", "gateway", "tls", "upstream_tls", "sni", "tls_passthrough",
-    *_TARGETS_FIELDS,
+    "agent", *_TARGETS_FIELDS,
 )
 _TLS_FIELDS = ("cert", "key", "chain", "client_ca", "verify_client", "alpn", "min_version", "handshake_timeout")
 _UPSTREAM_TLS_FIELDS = ("server_name", "ca", "cert", "key", "verify", "alpn", "min_version")
 #: What the routes sharing one listening address by C{sni} must agree on: it applies before the name is known.
 _SHARED_PORT_FIELDS = ("proxy_protocol", "reuse_port", "backlog", "tls_hello_timeout")
-_TOP_LEVEL = ("defaults", "routes", "shutdown_timeout", "proxy_protocol", "entrypoint", "acl", "status", "resolver")
+_TOP_LEVEL = (
+    "defaults", "routes", "shutdown_timeout", "proxy_protocol", "entrypoint", "acl", "status", "resolver", "agent", "agents",
+)
+_AGENT_FIELDS = ("listen", "ca", "cert", "key", "allow_targets", "header_timeout")
+_AGENT_LINK_FIELDS = ("address", "ca", "cert", "key", "server_name")
 _RESOLVER_FIELDS = ("servers", "dns_min_ttl", "dns_max_ttl", "dns_max_stale")
 _LOAD_BALANCE_FIELDS = ("mode", "sticky", "sticky_max_age")
 _HEALTHCHECK_FIELDS = ("interval", "timeout", "retries", "disable", "send", "expect")
@@ -726,6 +790,7 @@ class _Parser:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.links: tuple[AgentLinkConfig, ...] = ()  # the C{agents} that routes may name
 
     def fail(self, route: str | None, name: str, message: str) -> ConfigError:
         where = f"route {route!r}: " if route is not None else ""
@@ -757,8 +822,13 @@ class _Parser:
         defaults = self.defaults(top.get("defaults", {}))
         defaults["proxy_protocol"] = self.top_proxy_protocol(top)
         defaults["acl"] = self.acl(None, top.get("acl"))
-        routes_raw = top.get("routes")
-        if not isinstance(routes_raw, dict) or not routes_raw:
+        extra: dict[str, Any] = {}
+        if "agents" in top:
+            extra["agents"] = self.links = self.agent_links(top["agents"])
+        if "agent" in top:
+            extra["agent"] = self.agent(top["agent"])
+        routes_raw = top.get("routes", {} if "agent" in top else None)  # an agent alone needs no routes
+        if not isinstance(routes_raw, dict) or not (routes_raw or "agent" in top):
             raise self.fail(None, "routes", f"expected a mapping of route names to routes, found {routes_raw!r}")
         names = [str(name) for name in routes_raw]
         for name in names:
@@ -767,8 +837,10 @@ class _Parser:
         routes = tuple(
             self.route(name, raw, defaults) for name, raw in zip(names, routes_raw.values())
         )
-        self.check_clashes(routes)
-        extra: dict[str, Any] = {}
+        if "agent" in top:
+            self.check_clashes((*routes, extra["agent"].route))
+        else:
+            self.check_clashes(routes)
         if "status" in top:
             extra["status"] = self.status(top["status"])
         if "resolver" in top:
@@ -866,6 +938,10 @@ class _Parser:
         protocol, family = scheme_protocol(scheme), scheme[3:]
         if "port" not in raw:
             self._raise(name, "port", 'missing ("LISTEN:TARGET", e.g. "2222:22")')
+        if name == AGENT_ROUTE:
+            self._raise(name, "", f"{AGENT_ROUTE} is the agent's own name: name the route otherwise")
+        if "agent" in raw:
+            return self.agent_route(name, raw, defaults)
         if "gateway" in raw:
             return self.gateway_route(name, raw, defaults)
         if "targets" in raw:
@@ -1007,12 +1083,12 @@ class _Parser:
         return settings
 
     def fields(
-        self, route: str, name: str, block: _YAMLMapping, parsers: Mapping[str, Callable[[object], Any]]
+        self, route: str | None, name: str, block: _YAMLMapping, parsers: Mapping[str, Callable[[object], Any]]
     ) -> dict[str, Any]:
         """The fields of C{block} that C{parsers} names, each parsed."""
         return {key: self.value(route, f"{name}.{key}", block[key], parse) for key, parse in parsers.items() if key in block}
 
-    def tls_file(self, route: str, name: str, raw: object) -> str:
+    def tls_file(self, route: str | None, name: str, raw: object) -> str:
         """A certificate, key or CA file, relative to the route file's directory."""
         location = self.value(route, name, raw, _nonempty_text)
         return os.path.join(os.path.dirname(os.path.abspath(self.path)), location)
@@ -1098,6 +1174,69 @@ class _Parser:
         )
         return GatewayConfig(secret=secret, allow_targets=rules, **settings)
 
+    def agent_route(self, name: str, raw: _YAMLMapping, defaults: dict[str, Any]) -> RouteConfig:
+        """A TCP route whose target the agent it names dials (one target: the agent checks it)."""
+        if scheme_protocol(raw["scheme"]) != "tcp":
+            self._raise(name, "agent", "only for tcp routes (UDP through agents is not supported yet)")
+        for key in ("gateway", "targets", "healthcheck", "upstream_tls"):
+            if key in raw:
+                self._raise(name, "agent", f"not with {key}: the agent reaches one host and port, in the clear")
+        wanted = raw["agent"]
+        link = next((link for link in self.links if link.name == wanted), None)
+        if link is None:
+            known = ", ".join(link.name for link in self.links) or "none"
+            self._raise(name, "agent", f"{wanted!r} is not in agents (known: {known})")
+        plain = self.route(name, {k: v for k, v in raw.items() if k != "agent"}, defaults)
+        return dataclasses.replace(plain, agent=link)
+
+    def agent_links(self, raw: object) -> tuple[AgentLinkConfig, ...]:
+        from . import tlscontext
+
+        if not isinstance(raw, dict) or not raw:
+            self._raise(None, "agents", "expected a mapping of agent names to {address, ca, cert, key, server_name}")
+        links = []
+        for name, entry in raw.items():
+            where = f"agents.{name}"
+            block = self.mapping(None, where, entry, _AGENT_LINK_FIELDS)
+            for key in ("address", "ca", "cert", "key"):
+                if key not in block:
+                    self._raise(None, f"{where}.{key}", "missing")
+            host, port = self.value(None, f"{where}.address", block["address"], _host_port)
+            files = {key: self.tls_file(None, f"{where}.{key}", block[key]) for key in ("ca", "cert", "key")}
+            settings = self.fields(None, where, block, {"server_name": _nonempty_text})
+            link = AgentLinkConfig(name=str(name), host=host, port=port, **files, **settings)
+            try:
+                tlscontext.client_context(link.upstream)
+                digest = tlscontext.file_digest(link.ca, link.cert, link.key)
+            except tlscontext.TLSSetupError as e:
+                self._raise(None, where, str(e))
+            links.append(dataclasses.replace(link, digest=digest))
+        return tuple(links)
+
+    def agent(self, raw: object) -> AgentConfig:
+        from . import tlscontext
+
+        block = self.mapping(None, "agent", raw, _AGENT_FIELDS)
+        for key in ("listen", "ca", "cert", "key"):
+            if key not in block:
+                self._raise(None, f"agent.{key}", "missing")
+        bind, port = self.value(None, "agent.listen", block["listen"], _listen_address)
+        files = {key: self.tls_file(None, f"agent.{key}", block[key]) for key in ("ca", "cert", "key")}
+        targets = block.get("allow_targets")
+        if not isinstance(targets, list) or not targets:
+            self._raise(None, "agent.allow_targets", "required: a list of NETWORK:PORTS entries, or [any]")
+        rules = tuple(self.value(None, f"agent.allow_targets[{i}]", entry, _target_rule) for i, entry in enumerate(targets))
+        settings = self.fields(None, "agent", block, {"header_timeout": _positive_duration})
+        config = AgentConfig(
+            bind=bind, port=port, ca=files["ca"], cert=files["cert"], key=files["key"], allow_targets=rules, **settings
+        )
+        try:
+            tlscontext.server_context(config.tls)
+            digest = tlscontext.file_digest(config.ca, config.cert, config.key)
+        except tlscontext.TLSSetupError as e:
+            self._raise(None, "agent", str(e))
+        return dataclasses.replace(config, digest=digest)
+
     def check_family(self, route: str, key: str, scheme: Scheme, address: str) -> None:
         try:
             version = ipaddress.ip_address(address).version
@@ -1176,6 +1315,16 @@ def _host_port(value: object) -> tuple[str, int]:
         return host, _port_number(match.group(2) or match.group(4), 1, "a target")
     except _Invalid as e:
         raise _Invalid(f"{expected}: {e}") from None
+
+
+def _listen_address(value: object) -> tuple[str, int]:
+    """C{IP:port} (C{[v6]:port}) or a port alone (all addresses), for the agent's listening port."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"[::]:{value}"
+    if not isinstance(value, str) or ":" not in value:
+        raise _Invalid('an "IP:port" to listen on ("[::]:8890" for every address)')
+    host, _, port = value.rpartition(":")
+    return parse_address(host.removeprefix("[").removesuffix("]")), _port_number(port, 0, "a listening")
 
 
 def _target_port(value: object) -> int:

@@ -19,7 +19,7 @@ from .acl import AccessList
 from .addresses import join_host_port
 from .bandwidth import Bandwidth, Directions
 from .config import (
-    TUNABLES, Config, ProxyProtocolConfig, ResolverConfig, RouteConfig, RouteLoader, parse_duration, port_span,
+    TUNABLES, AgentConfig, AgentLinkConfig, Config, ProxyProtocolConfig, ResolverConfig, RouteConfig, RouteLoader, parse_duration, port_span,
 )
 from .gateway import GatewayConfig
 from .ratelimit import RateLimit
@@ -48,6 +48,8 @@ def describe(route: RouteConfig) -> str:
     if route.upstream_tls is not None:
         upstream = route.upstream_tls
         notes.append(f"upstream_tls {upstream.server_name or route.host}" + ("" if upstream.verify else " unverified"))
+    if route.agent is not None:
+        notes.append(f"agent {route.agent.name} ({join_host_port(route.agent.host, route.agent.port)})")
     if route.proxy_protocol.mode != "disabled":
         notes.append(f"proxy_protocol {route.proxy_protocol.mode}")
     if route.relay_proxy_protocol_header:
@@ -89,6 +91,10 @@ def dump(config: Config) -> str:
         document["status"] = {"listen": config.status.endpoint, "acl": _acl(config.status.acl)}
     if config.resolver != ResolverConfig() or any(route.targets for route in config.routes):
         document["resolver"] = _resolver(config.resolver)
+    if config.agent is not None:
+        document["agent"] = _agent(config.agent)
+    if config.agents:
+        document["agents"] = {link.name: _agent_link(link) for link in config.agents}
     document["routes"] = {route.name: _route(route) for route in config.routes}
     return yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
@@ -127,7 +133,24 @@ def _route(route: RouteConfig) -> dict[str, Any]:
         del fields["host"]
         fields["port"] = str(route.listen_port)
         fields["gateway"] = _gateway(route.gateway)
+    if route.agent is not None:
+        fields["agent"] = route.agent.name
     return fields
+
+
+def _agent(settings: AgentConfig) -> dict[str, Any]:
+    return {
+        "listen": join_host_port(settings.bind, settings.port), "ca": settings.ca, "cert": settings.cert,
+        "key": settings.key, "allow_targets": [rule.text for rule in settings.allow_targets],
+        "header_timeout": _duration(settings.header_timeout),
+    }
+
+
+def _agent_link(link: AgentLinkConfig) -> dict[str, Any]:
+    return {
+        "address": join_host_port(link.host, link.port), "ca": link.ca, "cert": link.cert, "key": link.key,
+        "server_name": link.server_name,
+    }
 
 
 def _gateway(settings: GatewayConfig) -> dict[str, Any]:

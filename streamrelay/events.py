@@ -102,6 +102,9 @@ FORMATS = {
     "target-recovered": "route {route}: target {target} back: a dial succeeded",
     "targets": "route {route}: targets now [{targets}] (added [{added}], removed [{removed}])",
     "tls-failed": "route {route}: #{conn} {client}: TLS handshake failed: {reason} ({suppressed} more not logged)",
+    "agent-tls": "agent: refused {client}: TLS handshake failed: {reason} ({suppressed} more not logged)",
+    "agent-header": "agent: #{conn} closed {client}: bad header: {reason} ({suppressed} more not logged)",
+    "agent-denied": "agent: #{conn} refused {client} the target {target}: {reason} ({suppressed} more not logged)",
     "no-route": (
         "route {route}: refused {client}: no route on {listen} takes server name {sni!r}"
         " ({suppressed} more not logged)"

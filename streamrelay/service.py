@@ -46,16 +46,19 @@ from . import events
 from .addresses import join_host_port
 from .bandwidth import Shaper
 from .compat import LimitedPort, adopt_limited, inherited_sockets, listen_limited
-from .config import Config, ConfigError, RouteConfig, load_config
+from .acl import AccessList
+from .agent import AgentFront
+from .agentheader import HeaderReader
+from .config import AgentConfig, Config, ConfigError, RouteConfig, StatusConfig, load_config
 from .dnscache import DNSCache
 from .events import RefusalLog, RouteEvents
 from .hooks import NO_HOOKS, Hooks, hooks_for
 from .inbound import ProxyHeaderFactory
 from .interfaces import IRelayReactor
-from .lifecycle import Input
+from .lifecycle import Input, State
 from .ratelimit import RateLimiter
 from .stats import RouteStats
-from .status import StatusService
+from .status import GuardedSite, Page, StatusService
 from .sni import Membership, SharedPort
 from .targets import TargetPool
 from .tcp import Pair, RelayFactory, TLSTerminator, splicing
@@ -346,7 +349,7 @@ class _Entrance(ServerFactory):
 
     noisy = False
     #: The newest generation's PROXY header factory, else its TLS layer's, else its relay factory.
-    front: RelayFactory | ProxyHeaderFactory | TLSTerminator
+    front: RelayFactory | ProxyHeaderFactory | TLSTerminator | AgentFront
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return self.front.buildProtocol(addr)
@@ -565,6 +568,27 @@ class RouteService(_ListeningService):
                 pair.feed(Input.ABORT, detail=reason)
 
 
+class AgentService(RouteService):
+    """
+    The agent's port (L{streamrelay.agent}): the tunnels are the pairs of
+    its pseudo-route, whose clients name their targets by header within
+    C{header_timeout}; other connections get C{site}.
+    """
+
+    def __init__(
+        self, agent: AgentConfig, site: GuardedSite, shutdown_timeout: float, reactor: IRelayReactor, dns: DNSCache,
+    ) -> None:
+        self.agent, self.site = agent, site
+        super().__init__(agent.route, shutdown_timeout, reactor, dns=dns)
+
+    def configure(self, route: RouteConfig, hooks: Hooks, events: RouteEvents) -> None:
+        super().configure(route, hooks, events)
+        factory = self.factory
+        factory.requests = HeaderReader(self.agent)
+        factory.deadlines[State.CHECKING] = self.agent.header_timeout
+        self.entrance.front = AgentFront(factory, self.site)
+
+
 class UDPRouteService(_ListeningService):
     """
     A UDP route: its listening socket and the sessions it relays.  Its
@@ -665,8 +689,16 @@ class RelayService(MultiService):
         self.catching_sighup = False
         for route in config.routes:
             self.route_service(route, hooks_for(hooks, route.name), config.shutdown_timeout).setServiceParent(self)
-        if config.status is not None:
-            StatusService(config.status, self, reactor).setServiceParent(self)
+        status = StatusService(config.status, self, reactor) if config.status is not None else None
+        #: The agent's port, if this relay is one; its settings need a restart to change.
+        self.agent: AgentService | None = None
+        if config.agent is not None:  # the status resources over its TLS too, guarded by the client certificate
+            resources = status or StatusService(StatusConfig(""), self, reactor)
+            site = GuardedSite(Page(resources), AccessList.allow_all(), reactor)
+            self.agent = AgentService(config.agent, site, config.shutdown_timeout, reactor, self.dns)
+            self.agent.setServiceParent(self)
+        if status is not None:
+            status.setServiceParent(self)
 
     def route_service(
         self, route: RouteConfig, hooks: Hooks, shutdown_timeout: float, previous: _ListeningService | None = None,
@@ -762,7 +794,7 @@ class RelayService(MultiService):
         except ValueError as e:
             return succeed(self.refuse_reload(config.path, str(e)))
         names = {route.name for route in config.routes}
-        removed = [service for service in self.routes() if service.route.name not in names]
+        removed = [service for service in self.routes() if service.route.name not in names and service is not self.agent]
         closing = [self.retire(service) for service in removed]
         ports_closed = DeferredList([d for d in closing if d is not None])
         return ports_closed.addCallback(
@@ -803,6 +835,7 @@ class RelayService(MultiService):
             tuple(added), removed, changed, tuple(unchanged), failed,
             tuple(name for name, same in (
                 ("status", config.status == self.status_in_force), ("resolver", config.resolver == self.dns_settings),
+                ("agent", config.agent == self.config.agent),
             ) if not same),
         )
         self.dns.retain({(spec.host, route.family) for route in config.routes for spec in route.targets})

@@ -17,7 +17,7 @@ kept in the L{HangupWatch}, so a reset of the paused side is seen at once.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from typing import Any, Callable, Protocol as Interface
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
@@ -28,9 +28,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import events, splice
+from .agentheader import Refusal, Request, encode_header
 from .addresses import HOLD_LIMIT, RUN_ID, describe, join_host_port
 from .bandwidth import Meter, Shaper
-from .config import RouteConfig
+from .config import RouteConfig, UpstreamTLSConfig
 from .compat import connection_under
 from .dial import Dial, is_ip_literal, resolve
 from .events import RefusalLog, RouteEvents
@@ -241,7 +242,7 @@ class Pair:
         #: With several targets: the one being dialed or relayed to, and those that failed this pair.
         self.chosen: Target | None = None
         self.tried: list[Target] = []
-        self.awaiting_line = False
+        self.awaiting_request = False
         self.started = factory.reactor.seconds()
         self.done: Deferred[None] = Deferred()
 
@@ -306,8 +307,8 @@ class Pair:
         """Keep what the client sends while the target is being reached."""
         self.held.append(data)
         self.held_size += len(data)
-        if self.awaiting_line:
-            self.read_line()
+        if self.awaiting_request:
+            self.read_request()
         elif self.held_size >= HOLD_LIMIT and not self.client_paused:
             self.client_paused = True
             self.client.transport.pauseProducing()
@@ -377,7 +378,7 @@ class Pair:
         """
         Through the checks: dial, once the client's TLS handshake is done
         (its certificate checked, the facts for the PROXY header known) and
-        a gateway's client has named its target.
+        a gateway's or an agent's client has named its target.
         """
         layer = self.client.transport
         if isinstance(layer, TLSLayer) and layer.facts is None:
@@ -386,11 +387,11 @@ class Pair:
                 self.timer = None
             self.pending = layer.handshake  # a failure comes to tls_failed instead
             layer.handshake.addCallbacks(self.handshake_done, lambda _: None)  # or cancelled: the pair gave up
-        elif self.factory.gateway is None:
+        elif self.factory.requests is None:
             self.feed(Input.ADMITTED)
         else:
-            self.awaiting_line = True
-            self.read_line()
+            self.awaiting_request = True
+            self.read_request()
 
     def handshake_done(self, facts: TLSFacts) -> None:
         self.pending = None
@@ -410,40 +411,42 @@ class Pair:
         self.reason = "tls handshake failed"
         self.factory.refusals.refuse("tls-failed", conn=self.id, client=self.peer, reason=reason)
 
-    def read_line(self) -> None:
+    def read_request(self) -> None:
         """
-        Look for a gateway's line in what the client sent: the target it
-        names is dialed, and the bytes after it stay held for the target.
+        Look for the request naming the target (a gateway's line, an agent's
+        header) in what the client sent: the target it names is dialed, and
+        the bytes after it stay held for the target.  A probe is answered by
+        closing.
         """
-        gateway = self.factory.gateway
-        assert gateway is not None
+        requests = self.factory.requests
+        assert requests is not None
         data = b"".join(self.held)
-        end = data.find(b"\n", 0, gateway.settings.max_line + 1)
-        if end < 0:
+        found = requests.take(data, self.client_host)
+        if found is None:
             self.held = [data]
-            if len(data) > gateway.settings.max_line:
-                self.awaiting_line = False
-                self.feed(Input.REFUSED, detail=("gateway", {"status": BAD_LINE, "reason": "no line within max_line"}))
             return
-        self.awaiting_line = False
-        rest = data[end + 1 :]
+        self.awaiting_request = False
+        if len(found) == 3:
+            self.feed(Input.REFUSED, detail=found)
+            return
+        request, size = found
+        rest = data[size:]
         self.held, self.held_size = ([rest] if rest else []), len(rest)
-        found = gateway.read(data[:end], self.client_host)
-        if isinstance(found[0], int):
-            status, why = found
-            self.feed(Input.REFUSED, detail=("gateway", {"status": status, "reason": why}))
-            return
-        if self.timer is not None:  # line_timeout: each connect attempt has its own from here
+        if self.timer is not None:  # the request's timeout: each connect attempt has its own from here
             self.timer.cancel()
             self.timer = None
-        self.target_host, self.target_port = found
-        self.feed(Input.ADMITTED)
+        self.target_host, self.target_port = request.host, request.port
+        if request.probe:
+            self.feed(Input.SHUTDOWN, detail="probe")
+        else:
+            self.feed(Input.ADMITTED)
 
     # -- actions (named in lifecycle.TRANSITIONS)
 
     def dial(self, side: None, detail: None) -> None:
-        """Resolve the target (IP literals need no Deferred), then dial it; or pick one of several."""
+        """Resolve the target or its agent (IP literals need no Deferred), then dial it; or pick one of several."""
         route = self.factory.route
+        host = route.agent.host if route.agent is not None else self.target_host
         pool = self.factory.pool
         if pool is not None:
             if pool.ready.called:
@@ -454,23 +457,27 @@ class Pair:
                 waiting.addCallbacks(lambda _: self.dial_next(pool), lambda _: None)  # or cancelled
                 self.pending = waiting
             return
-        if is_ip_literal(self.target_host):
-            self.start_dial([self.target_host])
+        if is_ip_literal(host):
+            self.start_dial([host])
             return
-        self.pending = resolving = resolve(self.factory.reactor, self.target_host, route.family)
+        self.pending = resolving = resolve(self.factory.reactor, host, route.family)
         resolving.addCallbacks(self.start_dial, self.dial_failed)
 
     def start_dial(self, addresses: list[str]) -> None:
         self.pending = None
         factory = self.factory
+        agent = factory.route.agent
         self.connecting = Dial(
-            factory.reactor, addresses, self.target_port, factory.connect_timeout,
+            factory.reactor, addresses, agent.port if agent is not None else self.target_port, factory.connect_timeout,
             factory.retries, self.target_protocol, self.dial_failed,
         )
         self.connecting.start()
 
     def target_protocol(self) -> Protocol:
-        """The target's side, behind a TLS layer with C{upstream_tls} (it connects once the target is verified)."""
+        """
+        The target's side, behind a TLS layer with C{upstream_tls} or an
+        C{agent} (it connects once the target, or the agent, is verified).
+        """
         factory = self.factory
         side = factory.side_class(self, "target")
         upstream = factory.upstream
@@ -524,31 +531,32 @@ class Pair:
         self.tried.append(target)
         self.dial_next(pool, reason)
 
-    def refuse(self, side: None, detail: tuple[str, dict[str, Any]]) -> None:
+    def refuse(self, side: None, detail: tuple[str, dict[str, Any]] | Refusal) -> None:
         """
         Reset a client that may not be relayed; logged per kind, throttled.
-        A gateway's client is told why (C{status}) and closed instead.
+        A client whose request was refused (L{Refusal}) is sent the reply,
+        if any (a gateway's C{status}), and closed instead.
         """
-        kind, fields = detail
+        kind, fields, *reply = detail
         self.refused = True
         self.factory.refusals.refuse(kind, conn=self.id, client=self.peer, **fields)
         status = fields.get("status")
-        if status is None:
-            self.reason = kind
-            self.path.abort(self.client)
-        else:
-            self.reason = f"gateway {status}"
-            self.client.transport.write(answer(status))
+        self.reason = kind if status is None else f"{kind} {status}"
+        if reply:
+            self.client.transport.write(reply[0])
             self.path.close(self.client)
+        else:
+            self.path.abort(self.client)
 
     def give_up(self, side: None, detail: str | tuple[str, str]) -> None:
         """
         The target cannot be reached (in time): close the client.  C{detail}
         is the budget's timeout reason, or a failed dial's kind and message.
         """
-        if self.awaiting_line:
-            self.awaiting_line = False
-            self.refuse(side, ("gateway", {"status": BAD_LINE, "reason": "no line within line_timeout"}))
+        if self.awaiting_request:
+            assert self.factory.requests is not None
+            self.awaiting_request = False
+            self.refuse(side, self.factory.requests.timed_out())
             return
         kind, message = detail if isinstance(detail, tuple) else ("timeout", detail)
         self.reason = "dial failed"
@@ -556,10 +564,9 @@ class Pair:
         if self.factory.gateway is not None:
             self.client.transport.write(answer(DIAL_TIMEOUT if kind == "timeout" else DIAL_FAILED))
         self.factory.stats.dial_failures[kind] += 1
-        self.factory.events.warn(
-            "dial-failed", conn=self.id, client=self.peer, reason=message,
-            target=join_host_port(self.target_host, self.target_port),
-        )
+        # No target picked among several: name them all (the route's dst), not the first.
+        target = self.factory.route.dst if kind == "no-target" else join_host_port(self.target_host, self.target_port)
+        self.factory.events.warn("dial-failed", conn=self.id, client=self.peer, reason=message, target=target)
         self.path.close(self.client)
 
     def relay(self, target: Side, detail: None) -> None:
@@ -573,6 +580,8 @@ class Pair:
         if self.chosen is not None:
             factory.pool.succeeded(self.chosen)  # type: ignore[union-attr]  # a chosen target has its pool
         preamble = [self.proxy_header()] if factory.route.relay_proxy_protocol_header else []
+        if factory.route.agent is not None:  # the agent reads its header first; the PROXY header is the target's
+            preamble.insert(0, encode_header(self.target_host, self.target_port))
         preamble += self.held
         self.held = []
         if events.enabled(LogLevel.debug):  # getHost() is a system call
@@ -756,6 +765,8 @@ class RelayFactory(ServerFactory):
         self.splicing = splicing(route, hooks)
         self.deadlines = deadlines(route, hooks)
         self.gateway = Gateway(route.gateway, reactor) if route.gateway is not None else None
+        #: What reads the request naming the target, where clients name it (a gateway, an agent).
+        self.requests: TargetRequests | None = GatewayRequests(self.gateway) if self.gateway is not None else None
         self.upstream = UpstreamTLS.of(route)
         #: How the target is dialed: a gateway's own settings, or the route's.
         self.connect_timeout = route.gateway.timeout if route.gateway else route.connect_timeout
@@ -796,18 +807,53 @@ class RelayFactory(ServerFactory):
 
 
 class UpstreamTLS:
-    """How a route's targets are reached over TLS: the context, and the name to send and verify."""
+    """How a route's targets (or its agent) are reached over TLS: the context, and the name to send and verify."""
 
-    def __init__(self, route: RouteConfig) -> None:
-        settings = route.upstream_tls
-        assert settings is not None
+    def __init__(self, settings: UpstreamTLSConfig, host: str) -> None:
         self.context = client_context(settings)
-        self.server_name = settings.server_name or route.host
+        self.server_name = settings.server_name or host
         self.verify = settings.verify
 
     @classmethod
     def of(cls, route: RouteConfig) -> UpstreamTLS | None:
-        return cls(route) if route.upstream_tls is not None else None
+        if route.agent is not None:
+            return cls(route.agent.upstream, route.agent.host)
+        return cls(route.upstream_tls, route.host) if route.upstream_tls is not None else None
+
+
+class TargetRequests(Interface):
+    """Reads what a client sends first to name its target (a gateway's line, an agent's header)."""
+
+    def take(self, data: bytes, client_host: str) -> tuple[Request, int] | Refusal | None:
+        """The request and the bytes it took, a refusal, or C{None}: not all of it yet."""
+
+    def timed_out(self) -> Refusal:
+        """The refusal of a client that did not name its target in time."""
+
+
+class GatewayRequests:
+    """A gateway's line: up to a newline, within C{max_line}."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def take(self, data: bytes, client_host: str) -> tuple[Request, int] | Refusal | None:
+        max_line = self.gateway.settings.max_line
+        end = data.find(b"\n", 0, max_line + 1)
+        if end < 0:
+            return _gateway_refusal(BAD_LINE, "no line within max_line") if len(data) > max_line else None
+        found = self.gateway.read(data[:end], client_host)
+        if isinstance(found[0], int):
+            return _gateway_refusal(*found)
+        host, port = found
+        return Request(host, port), end + 1
+
+    def timed_out(self) -> Refusal:
+        return _gateway_refusal(BAD_LINE, "no line within line_timeout")
+
+
+def _gateway_refusal(status: int, why: object) -> Refusal:
+    return "gateway", {"status": status, "reason": why}, answer(status)
 
 
 class TLSTerminator(ServerFactory):
@@ -846,7 +892,7 @@ def deadlines(route: RouteConfig, hooks: Hooks) -> dict[State, float]:
         return periods
     if (
         not route.dial_timeout and hooks.pre_dial is None and is_ip_literal(route.host) and route.upstream_tls is None
-        and not route.targets
+        and not route.targets and route.agent is None
     ):
         periods[State.CHECKING] = 0.0
     return periods
