@@ -1,12 +1,17 @@
 """
 Run the relay benchmark: ``python -m tests.benchmarks [--quick] [--json FILE]``.
 
-Starts the targets on the load CPU, then each relay in turn on the relay
-CPU in front of them, runs every workload through it, and prints a table per
-workload (and ``--json FILE``).  ``--relays`` and ``--workloads`` take
-comma-separated names to run a subset; ``--list`` shows the names.  The TLS
-workloads run through the relays that have TLS modes, started again with
-TLS routes once their plain workloads are done.
+Starts the targets on the load CPU, then every relay on the relay CPU in
+front of them (the relays with TLS modes a second time, with TLS routes, for
+the TLS workloads), all kept running side by side, idle but for the one
+measured.  Then it interleaves: each repetition runs each workload through
+every relay in turn before the next workload, so the two figures of a ratio
+are measured seconds or minutes apart, not a whole relay's workloads apart,
+and the next repetition starts the relays one place further along, so none
+always comes first.  It prints a table per workload (and ``--json FILE``):
+medians over the repetitions, and ratios to the reference relays taken per
+repetition, with their spread.  ``--relays`` and ``--workloads`` take
+comma-separated names to run a subset; ``--list`` shows the names.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import tls
 from .relays import (
+    UDP_ROUTE,
     Context,
     Relay,
     Running,
@@ -55,6 +62,8 @@ from .tools import (
 )
 from .workloads import (
     Environment,
+    Figures,
+    Metric,
     Settings,
     ShortConnections,
     Workload,
@@ -74,12 +83,17 @@ NEEDS: dict[str, tuple[str, str, Callable[[], bool]]] = {
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one run each (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke run)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--text", type=Path, metavar="FILE", help="also write the tables to FILE")
     parser.add_argument("--relays", help="comma-separated relays to run (default: all)")
     parser.add_argument("--workloads", help="comma-separated workloads to run (default: all)")
-    parser.add_argument("--runs", type=int, help="runs per figure (default: 3, or 1 with --quick)")
+    parser.add_argument("--runs", type=int, metavar="N",
+                        help="repetitions, each running every workload through every relay"
+                             " (default: 3, or 1 with --quick)")
+    parser.add_argument("--references", metavar="RELAYS",
+                        help="comma-separated relays to give every figure's ratio to as well, besides HAProxy and"
+                             " portforward (nginx for UDP): e.g. streamrelay, for its variants")
     parser.add_argument("--list", action="store_true", help="list relay and workload names")
     parser.add_argument(
         "--baseline", type=Path, metavar="DIR",
@@ -101,11 +115,17 @@ def chosen(names: str | None, available: list[str], what: str) -> list[str]:
 
 def start_targets(workdir: Path, ports: PortAllocator, cpu: int, loadgen: Path, workloads: list[str],
                   settings: Settings, tls_client: tls.Client | None) -> tuple[Targets, list[Process]]:
-    """The targets every relay forwards to, on the load CPU (C{oneway} with a TLS client)."""
+    """
+    The targets every relay forwards to, on the load CPU (C{oneway} with a
+    TLS client), and a second short-connection and UDP target (L{Targets.twins}).
+    """
     tcp = {route: ports.take() for route in ("iperf", "sockperf", "reply", "bulk", "oneway")}
     udp = ports.take()
+    twins = {"reply": ports.take(), UDP_ROUTE: ports.take()}
+    listens = {**tcp, "reply-twin": twins["reply"]}
     commands = {
         "reply": [str(loadgen), "tcp-target", str(tcp["reply"])],
+        "reply-twin": [str(loadgen), "tcp-target", str(twins["reply"])],
         "bulk": [sys.executable, "-m", "tests.benchmarks.bulkpeer", "serve", str(tcp["bulk"]),
                  str(settings.duplex_bytes)],
     }
@@ -115,10 +135,12 @@ def start_targets(workdir: Path, ports: PortAllocator, cpu: int, loadgen: Path, 
         commands["sockperf"] = ["sockperf", "sr", "--tcp", "-i", "127.0.0.1", "-p", str(tcp["sockperf"])]
     if tls_client is not None:
         commands["oneway"] = [str(tls_client.binary), "bulk-target", str(tcp["oneway"])]
+    datagrams = {"udp": udp, "udp-twin": twins[UDP_ROUTE]}
+    commands.update({name: [str(loadgen), "udp-echo", str(port)] for name, port in datagrams.items()})
     processes = [start(f"target-{name}", argv, cpu, workdir, cwd=REPO) for name, argv in commands.items()]
-    processes.append(start("target-udp", [str(loadgen), "udp-echo", str(udp)], cpu, workdir))
-    wait_until(lambda: listening([tcp[name] for name in commands], [udp]), processes)
-    return Targets(tcp, udp), processes
+    wait_until(lambda: listening([listens[name] for name in commands if name in listens],
+                                 list(datagrams.values())), processes)
+    return Targets(tcp, udp, twins=twins), processes
 
 
 def start_tls_target(context: Context, certificates: tls.Certificates,
@@ -149,77 +171,115 @@ def start_tls_target(context: Context, certificates: tls.Certificates,
 
 
 Starter = Callable[[Context], Running]
+Item = TypeVar("Item")
 
 
-def run_workload(relay: Relay, start_relay: Starter, workload: Workload, running: Running,
-                 context: Context, env: Environment, results: Results) -> Running:
-    """All runs of one workload through one relay; returns the relay now running."""
-    began = time.monotonic()
-    for index in range(env.settings.runs):
-        if workload.fresh_relay and index > 0:
-            running.stop()
-            running = start_relay(context)
-        results.add(workload.name, relay.name, workload.measure(env, running))
-    section = results.sections[workload.name]
-    lines = []
-    for variant in section.variants:
-        figures = [
-            f"{results.median(workload.name, variant, relay.name, m.key):.4g} {m.unit}"
-            for m in section.metrics
-            if results.median(workload.name, variant, relay.name, m.key) is not None
-        ]
-        if figures:
-            lines.append(f"  {relay.name:<20} {workload.name:<8} {variant:<16} " + ", ".join(figures))
-    if lines:
-        print("\n".join(lines) + f"  [{time.monotonic() - began:.1f} s]", flush=True)
-    return running
+@dataclass
+class Started:
+    """
+    A relay started for the whole benchmark (with its plain routes, or its TLS
+    routes), and the workloads it takes.
+    """
+
+    relay: Relay
+    start: Starter
+    running: Running
+    workloads: list[Workload]
+    #: Nothing measured since it started (a fresh_relay workload need not restart it).
+    fresh: bool = True
+    #: A process of it exited: it takes no further run.
+    failed: bool = False
+
+    def measure(self, workload: Workload, context: Context, env: Environment) -> Figures:
+        """One run of C{workload}, on a relay started again if the workload wants it fresh."""
+        if workload.fresh_relay and not self.fresh:
+            self.running.stop()
+            self.running = self.start(context)
+        self.fresh = False
+        return workload.measure(env, self.running)
 
 
-def applicable(relay: Relay, workloads: list[Workload]) -> list[Workload]:
-    """The workloads C{relay} takes: TLS ones only if it has TLS modes."""
-    return [w for w in workloads if not w.over_tls or relay.tls_modes]
+def taken(relay: Relay, workloads: list[Workload], results: Results) -> list[Workload]:
+    """The workloads C{relay} takes; a note says why not each other."""
+    kept = []
+    for workload in workloads:
+        if workload.protocol == "udp" and not relay.relays_udp:
+            results.note(relay.name, workload.name, "skipped", relay.tcp_only_reason)
+        elif relay.only_workloads is not None and workload.name not in relay.only_workloads:
+            results.note(relay.name, workload.name, "skipped", relay.only_reason)
+        else:
+            kept.append(workload)
+    return kept
 
 
-def run_relay(relay: Relay, workloads: list[Workload], context: Context, env: Environment,
-              results: Results) -> None:
-    """The plain workloads through C{relay}, then the TLS ones through it started with TLS routes."""
-    plain = [w for w in workloads if not w.over_tls]
-    over_tls = [w for w in workloads if w.over_tls]
-    if plain:
-        run_started(relay, relay.start, "", plain, context, env, results)
-    if over_tls:
-        run_started(relay, relay.start_tls, "tls", over_tls, context, env, results)
-
-
-def run_started(relay: Relay, start_relay: Starter, what: str, workloads: list[Workload], context: Context,
-                env: Environment, results: Results) -> None:
-    """Start the relay with C{start_relay} and run C{workloads} through it (C{what}: their kind, for notes)."""
-    try:
-        running = start_relay(context)
-    except Skipped as e:
-        results.note(relay.name, what, "skipped", str(e))
-        return
-    if running.udp_skipped:
-        results.note(relay.name, "udp", "skipped", running.udp_skipped)
-    try:
-        for workload in workloads:
-            if workload.protocol == "udp" and running.udp is None:
-                if not running.udp_skipped:
-                    results.note(relay.name, workload.name, "skipped", relay.tcp_only_reason)
-                continue
-            if relay.only_workloads is not None and workload.name not in relay.only_workloads:
-                results.note(relay.name, workload.name, "skipped", relay.only_reason)
+def start_relays(relays: list[Relay], workloads: list[Workload], context: Context,
+                 results: Results) -> list[Started]:
+    """Start each relay for its plain workloads, and again with TLS routes for the TLS ones."""
+    started = []
+    for relay in relays:
+        wanted = taken(relay, [w for w in workloads if not w.over_tls or relay.tls_modes], results)
+        plain = [w for w in wanted if not w.over_tls]
+        over_tls = [w for w in wanted if w.over_tls]
+        for start_relay, what, its_workloads in ((relay.start, "", plain), (relay.start_tls, "tls", over_tls)):
+            if not its_workloads:
                 continue
             try:
-                running = run_workload(relay, start_relay, workload, running, context, env, results)
-            except (RuntimeError, ValueError, KeyError, subprocess.SubprocessError, Skipped) as e:
-                results.note(relay.name, workload.name, "failed", f"{type(e).__name__}: {e}")
-            dead = [p.name for p in running.processes if not p.alive()]
-            if dead:
-                results.note(relay.name, workload.name, "failed", f"relay exited: {', '.join(dead)}")
-                return
-    finally:
-        running.stop()
+                running = start_relay(context)
+            except Skipped as e:
+                results.note(relay.name, what, "skipped", str(e))
+                continue
+            if running.udp_skipped:
+                results.note(relay.name, "udp", "skipped", running.udp_skipped)
+                its_workloads = [w for w in its_workloads if w.protocol != "udp"]
+            started.append(Started(relay, start_relay, running, its_workloads))
+    return started
+
+
+def rotated(items: list[Item], repetition: int) -> list[Item]:
+    """C{items} starting C{repetition} places along, so that no relay always runs first."""
+    shift = repetition % len(items) if items else 0
+    return items[shift:] + items[:shift]
+
+
+def run_interleaved(started: list[Started], workloads: list[Workload], context: Context, env: Environment,
+                    results: Results) -> None:
+    """Each repetition: each workload through every started relay that takes it."""
+    runs = env.settings.runs
+    for repetition in range(runs):
+        for workload in workloads:
+            taking = [s for s in started if workload in s.workloads and not s.failed]
+            if taking:
+                print(f"repetition {repetition + 1}/{runs}, {workload.name}:", flush=True)
+            for instance in rotated(taking, repetition):
+                run_once(instance, workload, repetition, context, env, results)
+
+
+def run_once(started: Started, workload: Workload, repetition: int, context: Context, env: Environment,
+             results: Results) -> None:
+    """One run of C{workload} through C{started}, its figures printed as they come."""
+    name = started.relay.name
+    began = time.monotonic()
+    try:
+        figures = started.measure(workload, context, env)
+    except (RuntimeError, ValueError, KeyError, subprocess.SubprocessError, Skipped) as e:
+        results.note(name, workload.name, "failed", f"repetition {repetition + 1}: {type(e).__name__}: {e}")
+    else:
+        results.add(workload.name, name, figures, repetition)
+        print_run(name, workload.name, workload.metrics, figures, time.monotonic() - began)
+    dead = [p.name for p in started.running.processes if not p.alive()]
+    if dead:
+        results.note(name, workload.name, "failed", f"relay exited: {', '.join(dead)}; no further runs")
+        started.failed = True
+
+
+def print_run(relay: str, workload: str, metrics: tuple[Metric, ...], figures: Figures, seconds: float) -> None:
+    """One run's figures, a line per variant."""
+    lines = [
+        f"  {relay:<28} {workload:<8} {variant:<20} "
+        + ", ".join(f"{values[m.key]:.4g} {m.unit}" for m in metrics if m.key in values)
+        for variant, values in figures.items()
+    ]
+    print("\n".join(lines) + f"  [{seconds:.1f} s]", flush=True)
 
 
 def deny_rules(count: int) -> list[str]:
@@ -258,23 +318,27 @@ def run_acl(context: Context, env: Environment, results: Results) -> None:
         "allow_local: true": {"acl": {"default": "allow", "allow_local": True, "deny": rules}},
         "allow_local: false": {"acl": {"default": "allow", "allow_local": False, "deny": rules}},
     }
-    for variant, top_level in variants.items():
-        relay = StreamRelay("streamrelay", top_level=top_level, with_udp=False, routes=("reply",),
-                            refusal="acl refused by the config")
-        try:
-            running = relay.start(context)
-        except Skipped as e:
-            results.note("streamrelay", f"{ACL} ({variant})", "skipped", str(e))
-            continue
-        results.meta.setdefault("streamrelay_sources", {})[f"acl, {variant}"] = relay.sources
-        try:
-            for _ in range(env.settings.runs):
-                figures = connections_per_second(env, running)
-                results.add(ACL, "streamrelay", {variant: figures})
-        finally:
+    started: dict[str, Running] = {}
+    try:
+        for variant, top_level in variants.items():
+            relay = StreamRelay("streamrelay", top_level=top_level, with_udp=False, routes=("reply",),
+                                refusal="acl refused by the config")
+            try:
+                started[variant] = relay.start(context)
+            except Skipped as e:
+                results.note("streamrelay", f"{ACL} ({variant})", "skipped", str(e))
+                continue
+            results.meta.setdefault("streamrelay_sources", {})[f"acl, {variant}"] = relay.sources
+        for repetition in range(env.settings.runs):
+            print(f"repetition {repetition + 1}/{env.settings.runs}, {ACL}:", flush=True)
+            for variant in rotated(list(started), repetition):
+                began = time.monotonic()
+                figures = {variant: connections_per_second(env, started[variant])}
+                results.add(ACL, "streamrelay", figures, repetition)
+                print_run("streamrelay", ACL, ShortConnections.metrics, figures, time.monotonic() - began)
+    finally:
+        for running in started.values():
             running.stop()
-        print(f"  streamrelay          {ACL:<8} {variant:<20} "
-              f"{results.median(ACL, variant, 'streamrelay', 'per_s'):.0f} conn/s", flush=True)
 
 
 def versions() -> dict[str, str]:
@@ -331,6 +395,7 @@ def main() -> None:
         print("workloads:", ", ".join([w.name for w in workloads] + [ACL]))
         return
     relay_names = chosen(args.relays, [r.name for r in relays], "relays")
+    extra_references = tuple(chosen(args.references or "", [r.name for r in relays], "relays"))
     workload_names = chosen(args.workloads, [w.name for w in workloads] + [ACL], "workloads")
     settings = Settings.quick() if args.quick else Settings.full()
     if args.runs:
@@ -344,8 +409,10 @@ def main() -> None:
         "cpu": cpu_model(), "cpus": {"relay": cpus.relay, "load": cpus.load},
         "fd_limit": fd_limit, "settings": settings.__dict__, "versions": versions(),
         "busy_before_start": busy_fraction(),
+        "order": "interleaved: each repetition runs each workload through every relay in turn",
     }
-    results = Results(meta)
+    chosen_relays = [r for r in relays if r.name in relay_names]
+    results = Results(meta, [r.name for r in chosen_relays])
     if meta["busy_before_start"] > 0.1:
         results.note("", "", "warning", f"the CPUs were {meta['busy_before_start']:.0%} busy before the"
                      " benchmark started: other work on this machine will disturb the figures")
@@ -356,7 +423,8 @@ def main() -> None:
             workload_names.remove(name)
     selected = [w for w in workloads if w.name in workload_names]
     for workload in selected:
-        results.section(workload.name, workload.describe(settings), workload.metrics, workload.variants)
+        references = workload.references + tuple(r for r in extra_references if r not in workload.references)
+        results.section(workload.name, workload.describe(settings), workload.metrics, workload.variants, references)
 
     with tempfile.TemporaryDirectory(prefix="streamrelay-bench-") as temp:
         workdir = Path(temp)
@@ -368,22 +436,20 @@ def main() -> None:
                                                   tls_client)
         context = Context(workdir, targets, ports, cpus, fd_limit, certificates)
         env = Environment(settings, loadgen, cpus.load, tls_client)
-        print(f"{meta['mode']} run, {settings.runs} run(s) per figure; relays on CPU {cpus.relay},"
+        print(f"{meta['mode']} run, {settings.runs} repetition(s); relays on CPU {cpus.relay},"
               f" load and targets on CPU {cpus.load}", flush=True)
         try:
             if certificates is not None:
                 tls_ports, tls_processes = start_tls_target(context, certificates, results)
                 context.targets = dataclasses.replace(targets, tls=tls_ports)
                 target_processes += tls_processes
-            for relay in relays:
-                taken = applicable(relay, selected)
-                if relay.name in relay_names and taken:
-                    print(f"{relay.name}:", flush=True)
-                    relay_began = time.monotonic()
-                    run_relay(relay, taken, context, env, results)
-                    print(f"  ({relay.name}: {time.monotonic() - relay_began:.1f} s)", flush=True)
+            started = start_relays(chosen_relays, selected, context, results)
+            try:
+                run_interleaved(started, selected, context, env, results)
+            finally:
+                for instance in started:
+                    instance.running.stop()
             if ACL in workload_names:
-                print("acl:", flush=True)
                 run_acl(context, env, results)
         finally:
             for process in target_processes:

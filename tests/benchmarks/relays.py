@@ -47,6 +47,8 @@ from .tools import (
 
 #: The TCP targets every relay forwards to, by route name.
 TCP_ROUTES = ("iperf", "sockperf", "reply", "bulk")
+#: The name of the UDP route.
+UDP_ROUTE = "udp"
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 
 
@@ -62,6 +64,12 @@ class Targets:
     udp: int
     #: The TLS target's ports, by TLS service (none if it could not start).
     tls: dict[str, int] = field(default_factory=dict)
+    #: A second target for some routes (C{reply} and C{udp}), for load balancing.
+    twins: dict[str, int] = field(default_factory=dict)
+
+    def port(self, route: str) -> int:
+        """The target of C{route}: a key of C{tcp}, or C{"udp"}."""
+        return self.udp if route == UDP_ROUTE else self.tcp[route]
 
 
 @dataclass
@@ -206,7 +214,9 @@ class StreamRelay(Relay):
     encrypted-target gateways (that block's fields besides the secret, in a
     file of the work directory, and C{allow_targets}, the route's target
     alone), and L{Running.prefixes} holds each route's line, made by
-    C{streamrelay gateway-encrypt}; C{processes} copies share the ports
+    C{streamrelay gateway-encrypt}; with C{balance} (a C{load_balance}
+    block), each route has C{targets}: its own and its twin in
+    L{Targets.twins}; C{processes} copies share the ports
     (needs C{reuse_port}), one on each CPU in turn: the second shares the
     load generator's CPU, as it would share a 2-core machine with anything.  A refused config raises L{Skipped} with
     C{refusal} and the relay's message.  C{source} is the checkout whose
@@ -220,6 +230,7 @@ class StreamRelay(Relay):
                  refusal: str = "config refused", with_udp: bool = True,
                  routes: tuple[str, ...] = TCP_ROUTES, source: Path = REPO,
                  udp_fields: dict[str, Any] | None = None, gateway: dict[str, Any] | None = None,
+                 balance: dict[str, Any] | None = None,
                  only_workloads: tuple[str, ...] | None = None, only_reason: str = "",
                  with_tls: bool = False) -> None:
         self.name = name
@@ -233,6 +244,7 @@ class StreamRelay(Relay):
         self.tcp_only_reason = "TCP routes only in this variant"
         self.routes = routes
         self.gateway = gateway
+        self.balance = balance
         self.only_workloads = only_workloads
         self.only_reason = only_reason
         self.tls_modes = tls.MODES if with_tls else ()
@@ -241,13 +253,12 @@ class StreamRelay(Relay):
 
     def config(self, context: Context, tcp: dict[str, int], udp: int | None) -> dict[str, Any]:
         routes: dict[str, Any] = {
-            name: {"scheme": "tcp4", "bind": LOOPBACK, **self._target(context, port, context.targets.tcp[name]),
-                   **self.route_fields}
+            name: {"scheme": "tcp4", "bind": LOOPBACK, **self._target(context, name, port), **self.route_fields}
             for name, port in tcp.items()
         }
         if udp is not None:
-            routes["udp"] = {"scheme": "udp4", "bind": LOOPBACK, "host": LOOPBACK,
-                             "port": f"{udp}:{context.targets.udp}", **self.udp_fields}
+            routes[UDP_ROUTE] = {"scheme": "udp4", "bind": LOOPBACK, **self._target(context, UDP_ROUTE, udp),
+                                 **self.udp_fields}
         return {"shutdown_timeout": "1s", **self.top_level, "routes": routes}
 
     def start(self, context: Context) -> Running:
@@ -265,12 +276,19 @@ class StreamRelay(Relay):
             running.udp_skipped = f"UDP route refused: {with_udp}"
             return running
 
-    def _target(self, context: Context, port: int, target: int) -> dict[str, Any]:
-        """A TCP route's fields naming its target: a gateway route lets its clients name it."""
-        if self.gateway is None:
-            return {"host": LOOPBACK, "port": f"{port}:{target}"}
-        return {"port": port, "gateway": {"secret_file": str(self._secret_file(context)),
-                                          "allow_targets": [f"{LOOPBACK}:{target}"], **self.gateway}}
+    def _target(self, context: Context, route: str, port: int) -> dict[str, Any]:
+        """
+        The fields of C{route} (listening on C{port}) naming its target: a
+        gateway route lets its clients name it, a balanced one has two.
+        """
+        target = context.targets.port(route)
+        if self.gateway is not None:
+            return {"port": port, "gateway": {"secret_file": str(self._secret_file(context)),
+                                              "allow_targets": [f"{LOOPBACK}:{target}"], **self.gateway}}
+        if self.balance is not None:
+            return {"port": port, "targets": [f"{LOOPBACK}:{t}" for t in (target, context.targets.twins[route])],
+                    "load_balance": self.balance}
+        return {"host": LOOPBACK, "port": f"{port}:{target}"}
 
     def _secret_file(self, context: Context) -> Path:
         """The gateway's secret, random, written once per run."""
@@ -539,6 +557,17 @@ def all_relays() -> list[Relay]:
                     only_workloads=("cps", "burst", "idle"),
                     only_reason="its clients send a line first, which only loadgen does (cps, burst, idle)",
                     refusal="no gateway routes"),
+        StreamRelay("streamrelay-lb", balance={"mode": "roundrobin"}, routes=("reply",),
+                    only_workloads=("cps", "burst", "idle", "udp"),
+                    only_reason="two targets for short connections and UDP only (round robin would send"
+                                " iperf3's data connections to another server than its control connection)",
+                    refusal="no targets or load_balance fields"),
+        StreamRelay("streamrelay-ratelimit", top_level={"defaults": {"rate_limit": {
+                        "per_client": "100000/s", "burst": 100000, "per_route": "1000000/s"}}},
+                    refusal="no rate_limit field"),
+        StreamRelay("streamrelay-bandwidth",
+                    top_level={"defaults": {"bandwidth": {"per_connection": "100GiB/s"}}},
+                    refusal="no bandwidth field"),
         StreamRelay("streamrelay-nosplice", route_fields={"splice": False},
                     refusal="no splice field (the default path is the only one)", with_udp=False),
         StreamRelay("streamrelay-splice", route_fields={"splice": True},

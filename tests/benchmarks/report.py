@@ -1,9 +1,13 @@
 """
 Collecting figures, and printing them as tables and JSON.
 
-Every figure is the median of its runs, given with its ratio to C{direct}
-and to C{haproxy} measured in the same benchmark run (where those have the
-figure), and for latency with the time the relay adds over C{direct}.
+Every figure is the median of its repetitions.  Its ratio to each reference
+relay of its workload (HAProxy and C{twistd portforward}; nginx for UDP) is
+taken per repetition, from the two figures measured minutes apart at most
+(the benchmark interleaves the relays), and given as the median of those
+ratios with their spread (lowest to highest): drift on a shared machine
+then moves both figures of a pair rather than the ratio.  Latency also
+gets the time the relay adds over C{direct}.
 """
 
 from __future__ import annotations
@@ -17,19 +21,44 @@ from typing import Any
 from .workloads import Figures, Metric
 
 
+class Repeated:
+    """Values by repetition number (a failed run leaves its repetition out), and their median."""
+
+    runs: dict[int, float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs.values())
+
+
 @dataclass
-class Entry:
+class Entry(Repeated):
     """One figure: a metric of one variant of a workload through one relay."""
 
     workload: str
     variant: str
     relay: str
     metric: Metric
-    runs: list[float] = field(default_factory=list)
+    runs: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ratio(Repeated):
+    """A figure over a reference relay's, in each repetition both have: their median and spread."""
+
+    runs: dict[int, float]
 
     @property
-    def median(self) -> float:
-        return statistics.median(self.runs)
+    def low(self) -> float:
+        return min(self.runs.values())
+
+    @property
+    def high(self) -> float:
+        return max(self.runs.values())
+
+    def to_json(self) -> dict[str, float]:
+        """The median and spread (each repetition's ratio follows from the two figures' runs)."""
+        return {"median": self.median, "min": self.low, "max": self.high}
 
 
 @dataclass
@@ -40,25 +69,32 @@ class Section:
     title: str
     metrics: tuple[Metric, ...]
     variants: list[str] = field(default_factory=list)
+    #: The relays every other is compared with, where they have the figure.
+    references: tuple[str, ...] = ()
 
 
 class Results:
     """Everything measured in one benchmark run, in the order it was measured."""
 
-    def __init__(self, meta: dict[str, Any]) -> None:
+    def __init__(self, meta: dict[str, Any], relays: list[str]) -> None:
         self.meta = meta
         self.sections: dict[str, Section] = {}
         self.entries: dict[tuple[str, str, str, str], Entry] = {}
-        self.relays: list[str] = []
+        #: The order of the rows (a relay not listed is added when it first has a figure).
+        self.relays = list(relays)
         self.notes: list[dict[str, str]] = []
+        #: How many repetitions have figures.
+        self.repetitions = 0
 
-    def section(self, name: str, title: str, metrics: tuple[Metric, ...], variants: tuple[str, ...] = ()) -> None:
+    def section(self, name: str, title: str, metrics: tuple[Metric, ...], variants: tuple[str, ...] = (),
+                references: tuple[str, ...] = ()) -> None:
         """A workload's table; C{variants} fixes the order of those known beforehand."""
-        self.sections.setdefault(name, Section(name, title, metrics, list(variants)))
+        self.sections.setdefault(name, Section(name, title, metrics, list(variants), references))
 
-    def add(self, workload: str, relay: str, figures: Figures) -> None:
-        """One run's figures."""
+    def add(self, workload: str, relay: str, figures: Figures, repetition: int) -> None:
+        """One run's figures, measured in C{repetition}."""
         section = self.sections[workload]
+        self.repetitions = max(self.repetitions, repetition + 1)
         if relay not in self.relays:
             self.relays.append(relay)
         for variant, values in figures.items():
@@ -69,7 +105,7 @@ class Results:
                     continue  # no relay process: nothing to measure
                 key = (workload, variant, relay, metric.key)
                 entry = self.entries.setdefault(key, Entry(workload, variant, relay, metric))
-                entry.runs.append(values[metric.key])
+                entry.runs[repetition] = values[metric.key]
 
     def note(self, relay: str, workload: str, status: str, reason: str) -> None:
         """A relay or workload that was skipped or failed, printed as it happens."""
@@ -80,11 +116,22 @@ class Results:
         entry = self.entries.get((workload, variant, relay, metric))
         return entry.median if entry is not None else None
 
-    def ratio(self, entry: Entry, baseline: str) -> float | None:
-        if not entry.metric.ratios:
+    def ratio(self, entry: Entry, reference: str) -> Ratio | None:
+        """C{entry} over C{reference}'s figure, repetition by repetition."""
+        base = self.entries.get((entry.workload, entry.variant, reference, entry.metric.key))
+        if not entry.metric.ratios or base is None:
             return None
-        base = self.median(entry.workload, entry.variant, baseline, entry.metric.key)
-        return entry.median / base if base else None
+        runs = {rep: value / base.runs[rep] for rep, value in entry.runs.items() if base.runs.get(rep)}
+        return Ratio(runs) if runs else None
+
+    def references(self, section: Section, metric: Metric) -> list[str]:
+        """The reference relays with C{metric} in C{section}: the ratio columns of its table."""
+        if not metric.ratios:
+            return []
+        return [
+            reference for reference in section.references
+            if any((section.name, variant, reference, metric.key) in self.entries for variant in section.variants)
+        ]
 
     def added(self, entry: Entry) -> float | None:
         """How much more than C{direct} (for latency)."""
@@ -96,12 +143,16 @@ class Results:
     def to_json(self) -> dict[str, Any]:
         figures = []
         for entry in self.entries.values():
+            section = self.sections[entry.workload]
+            ratios = {reference: ratio.to_json() for reference in ("direct", *section.references)
+                      if (ratio := self.ratio(entry, reference)) is not None}
             figures.append({
                 "workload": entry.workload, "variant": entry.variant, "relay": entry.relay,
                 "metric": entry.metric.key, "unit": entry.metric.unit,
                 "lower_is_better": entry.metric.lower_is_better,
-                "median": entry.median, "runs": entry.runs,
-                "vs_direct": self.ratio(entry, "direct"), "vs_haproxy": self.ratio(entry, "haproxy"),
+                "median": entry.median, "ratios": ratios,
+                # In the order of the repetitions, None where a run failed.
+                "runs": [entry.runs.get(repetition) for repetition in range(self.repetitions)],
                 **({"added_over_direct": self.added(entry)} if entry.metric.added else {}),
             })
         return {
@@ -130,13 +181,12 @@ class Results:
 
     def _table(self, section: Section) -> list[str]:
         header = ["relay", "variant"]
+        columns = {metric.key: self.references(section, metric) for metric in section.metrics}
         for metric in section.metrics:
             header.append(metric.unit)
             if metric.added:
                 header.append("+µs/direct")
-            if metric.ratios:
-                header += ["/direct"] if metric.vs_direct else []
-                header.append("/haproxy")
+            header += [f"/{reference}" for reference in columns[metric.key]]
         rows = [header]
         for variant in section.variants:
             for relay in self.relays:
@@ -148,9 +198,7 @@ class Results:
                     row.append(_number(entry.median if entry else None))
                     if metric.added:
                         row.append(_number(self.added(entry) if entry else None))
-                    if metric.ratios:
-                        baselines = ("direct", "haproxy") if metric.vs_direct else ("haproxy",)
-                        row += [_ratio(self.ratio(entry, b) if entry else None) for b in baselines]
+                    row += [_ratio(self.ratio(entry, r) if entry else None) for r in columns[metric.key]]
                 rows.append(row)
         return _aligned(rows)
 
@@ -197,8 +245,12 @@ def _number(value: float | None) -> str:
     return f"{value:.3f}"
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def _ratio(ratio: Ratio | None) -> str:
+    """The median ratio, then its spread if the repetitions differ (never for the reference itself)."""
+    if ratio is None:
+        return "-"
+    spread = f" ({ratio.low:.2f}-{ratio.high:.2f})" if ratio.low != ratio.high else ""
+    return f"{ratio.median:.2f}x{spread}"
 
 
 def _aligned(rows: list[list[str]]) -> list[str]:

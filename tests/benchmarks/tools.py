@@ -66,7 +66,7 @@ class PortAllocator:
         for _ in range(100):
             with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 tcp.bind((LOOPBACK, 0))
-                port = tcp.getsockname()[1]
+                port: int = tcp.getsockname()[1]
                 try:
                     udp.bind((LOOPBACK, port))
                 except OSError:
@@ -102,7 +102,7 @@ class Process:
     """A started process, its output in files under the work directory."""
 
     name: str
-    popen: subprocess.Popen
+    popen: subprocess.Popen[bytes]
     stdout_path: Path
     stderr_path: Path
     stopped: bool = field(default=False)

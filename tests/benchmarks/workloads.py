@@ -1,8 +1,9 @@
 """
 The workloads.  Each one measures a single run against a started relay and
-returns, per variant, its figures; the runner repeats runs and keeps
-medians.  Relay CPU is read from /proc just before and just after the load
-tool runs, so it covers exactly the work of that run.
+returns, per variant, its figures; the runner repeats the runs, interleaved
+with the other relays', and keeps medians.  Relay CPU is read from /proc
+just before and just after the load tool runs, so it covers exactly the
+work of that run.
 
 All load tools and targets run on the load CPU; every loop they run is
 bounded by a count and a deadline.
@@ -100,7 +101,8 @@ class Metric:
 #: One run's figures: variant -> metric key -> value.
 Figures = dict[str, dict[str, float]]
 
-RELAY_CPU_PCT = Metric("relay_cpu_pct", "CPU % of a core", vs_direct=False, lower_is_better=True)
+#: How busy the relay was: no ratio, as it says whether the relay was the bottleneck, not what it costs.
+RELAY_CPU_PCT = Metric("relay_cpu_pct", "CPU % of a core", ratios=False, vs_direct=False, lower_is_better=True)
 RELAY_CPU_PER_GIB = Metric("relay_cpu_s_per_gib", "CPU s/GiB", vs_direct=False, lower_is_better=True)
 ERRORS = Metric("errors", "errors", ratios=False, lower_is_better=True)
 
@@ -110,14 +112,15 @@ class Workload(ABC):
     title: str
     protocol: str = "tcp"
     metrics: tuple[Metric, ...]
-    #: Start a new relay for every run after the first (memory must be measured
-    #: from a clean start; the first run comes right after latency's single
-    #: connection).
+    #: Start the relay again before each run unless it has run nothing since
+    #: it started (memory must be measured from a clean start).
     fresh_relay: bool = False
     #: Whether it runs through the relay's TLS routes.
     over_tls: bool = False
     #: Its variants in the order of the report, where known before it runs.
     variants: tuple[str, ...] = ()
+    #: The relays the report gives every other's ratio to (where they have the figure).
+    references: tuple[str, ...] = ("haproxy", "portforward")
 
     def describe(self, settings: Settings) -> str:
         return self.title
@@ -310,6 +313,7 @@ class Datagrams(Workload):
     name = "udp"
     title = "UDP datagrams"
     protocol = "udp"
+    references = ("nginx",)  # neither HAProxy nor portforward relays UDP
     metrics = (Metric("per_s", "dgram/s", headline=True), Metric("loss_pct", "loss %", ratios=False, lower_is_better=True),
                Metric("relay_cpu_us_per_dgram", "CPU µs/dgram", vs_direct=False, lower_is_better=True),
                RELAY_CPU_PCT)
@@ -430,8 +434,7 @@ class TLSConnections(Workload):
 
 
 def all_workloads() -> list[Workload]:
-    """Every per-relay workload, in the order they run and are reported."""
-    # Latency first, while nothing from an earlier workload is still being torn
-    # down; idle pairs next, while the relay has hardly allocated anything.
+    """Every per-relay workload, in the order they run in each repetition and are reported."""
+    # Latency first, while nothing from an earlier workload is still being torn down.
     return [Latency(), IdlePairs(), Bulk(), ShortConnections(), Burst(), Datagrams(), Duplex(),
             TLSBulk(), TLSConnections()]
