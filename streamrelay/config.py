@@ -503,6 +503,8 @@ class AgentLinkConfig:
     cert: str
     key: str
     server_name: str = "godoxy.agent"
+    #: Probed with the agent's probe header every C{interval} (L{streamrelay.health.AgentProbe}).
+    healthcheck: HealthCheck = HealthCheck()
     digest: str = ""
 
     @property
@@ -745,7 +747,8 @@ _TOP_LEVEL = (
     "defaults", "routes", "shutdown_timeout", "proxy_protocol", "entrypoint", "acl", "status", "resolver", "agent", "agents",
 )
 _AGENT_FIELDS = ("listen", "ca", "cert", "key", "allow_targets", "header_timeout")
-_AGENT_LINK_FIELDS = ("address", "ca", "cert", "key", "server_name")
+_AGENT_LINK_FIELDS = ("address", "ca", "cert", "key", "server_name", "healthcheck")
+_AGENT_HEALTHCHECK_FIELDS = ("interval", "timeout", "retries")
 _RESOLVER_FIELDS = ("servers", "dns_min_ttl", "dns_max_ttl", "dns_max_stale")
 _LOAD_BALANCE_FIELDS = ("mode", "sticky", "sticky_max_age")
 _HEALTHCHECK_FIELDS = ("interval", "timeout", "retries", "disable", "send", "expect")
@@ -1044,18 +1047,23 @@ class _Parser:
             settings["load_balance"] = LoadBalance(**balance)
         if "healthcheck" in raw:
             block = self.mapping(route, "healthcheck", raw["healthcheck"], _HEALTHCHECK_FIELDS)
-            check: dict[str, Any] = {
-                key: self.value(route, f"healthcheck.{key}", block[key], _positive_duration)
-                for key in ("interval", "timeout") if key in block
-            }
-            if "retries" in block:
-                check["retries"] = self.value(route, "healthcheck.retries", block["retries"], _integer(1, 1000))
+            check = self.health_check(route, "healthcheck", block)
             for key in ("send", "expect"):
                 if key in block:
                     check[key] = self.value(route, f"healthcheck.{key}", block[key], _probe_bytes)
             disabled = self.value(route, "healthcheck.disable", block.get("disable", False), _boolean)
             settings["healthcheck"] = None if disabled else HealthCheck(**check)
         return settings
+
+    def health_check(self, route: str | None, where: str, block: _YAMLMapping) -> dict[str, Any]:
+        """C{interval}, C{timeout} and C{retries} of a C{healthcheck} block (GoDoxy's names)."""
+        check: dict[str, Any] = {
+            key: self.value(route, f"{where}.{key}", block[key], _positive_duration)
+            for key in ("interval", "timeout") if key in block
+        }
+        if "retries" in block:
+            check["retries"] = self.value(route, f"{where}.retries", block["retries"], _integer(1, 1000))
+        return check
 
     def tls_settings(self, route: str, raw: _YAMLMapping, protocol: RouteProtocol, host: str) -> dict[str, Any]:
         """C{tls}, C{upstream_tls}, C{sni} and C{tls_passthrough}, checked together."""
@@ -1175,9 +1183,7 @@ class _Parser:
         return GatewayConfig(secret=secret, allow_targets=rules, **settings)
 
     def agent_route(self, name: str, raw: _YAMLMapping, defaults: dict[str, Any]) -> RouteConfig:
-        """A TCP route whose target the agent it names dials (one target: the agent checks it)."""
-        if scheme_protocol(raw["scheme"]) != "tcp":
-            self._raise(name, "agent", "only for tcp routes (UDP through agents is not supported yet)")
+        """A route whose target the agent it names dials (one target: the agent checks it)."""
         for key in ("gateway", "targets", "healthcheck", "upstream_tls"):
             if key in raw:
                 self._raise(name, "agent", f"not with {key}: the agent reaches one host and port, in the clear")
@@ -1203,8 +1209,13 @@ class _Parser:
                     self._raise(None, f"{where}.{key}", "missing")
             host, port = self.value(None, f"{where}.address", block["address"], _host_port)
             files = {key: self.tls_file(None, f"{where}.{key}", block[key]) for key in ("ca", "cert", "key")}
-            settings = self.fields(None, where, block, {"server_name": _nonempty_text})
-            link = AgentLinkConfig(name=str(name), host=host, port=port, **files, **settings)
+            settings: dict[str, Any] = self.fields(None, where, block, {"server_name": _nonempty_text})
+            if "healthcheck" in block:
+                check = self.mapping(None, f"{where}.healthcheck", block["healthcheck"], _AGENT_HEALTHCHECK_FIELDS)
+                settings["healthcheck"] = HealthCheck(**self.health_check(None, f"{where}.healthcheck", check))
+            link = AgentLinkConfig(
+                name=str(name), host=host, port=port, ca=files["ca"], cert=files["cert"], key=files["key"], **settings
+            )
             try:
                 tlscontext.client_context(link.upstream)
                 digest = tlscontext.file_digest(link.ca, link.cert, link.key)

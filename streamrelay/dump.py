@@ -147,9 +147,14 @@ def _agent(settings: AgentConfig) -> dict[str, Any]:
 
 
 def _agent_link(link: AgentLinkConfig) -> dict[str, Any]:
+    check = link.healthcheck
     return {
         "address": join_host_port(link.host, link.port), "ca": link.ca, "cert": link.cert, "key": link.key,
         "server_name": link.server_name,
+        "healthcheck": {
+            "interval": _duration(check.interval), "timeout": _duration(check.timeout),
+            **({"retries": check.retries} if check.retries is not None else {}),
+        },
     }
 
 

@@ -104,6 +104,12 @@ FORMATS = {
     "tls-failed": "route {route}: #{conn} {client}: TLS handshake failed: {reason} ({suppressed} more not logged)",
     "agent-tls": "agent: refused {client}: TLS handshake failed: {reason} ({suppressed} more not logged)",
     "agent-header": "agent: #{conn} closed {client}: bad header: {reason} ({suppressed} more not logged)",
+    "dtls-oversized": (
+        "route {route}: #{conn} {client}: dropped a {size}-byte datagram, over the {limit}-byte DTLS record limit"
+        " ({suppressed} more not logged)"
+    ),
+    "agent-down": "agent {agent} ({address}) down: {reason}",
+    "agent-up": "agent {agent} ({address}) up: {reason}",
     "agent-denied": "agent: #{conn} refused {client} the target {target}: {reason} ({suppressed} more not logged)",
     "no-route": (
         "route {route}: refused {client}: no route on {listen} takes server name {sni!r}"

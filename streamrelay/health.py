@@ -12,9 +12,8 @@ defaults to GoDoxy's: as many checks as fit in 15 s, at least one (3 at the
 default interval); GoDoxy counts them before it reports a target down,
 here before the target stops getting connections.
 
-How a target is checked is a L{Probe}, a strategy object: L{TCPProbe} and
-L{UDPProbe} here; a target behind an agent will be checked by one that sends
-the agent's probe header.
+How a target is checked is a L{Probe}, a strategy object: L{TCPProbe},
+L{UDPProbe} and L{AgentProbe} here.
 
   - TCP: the connection must open within C{timeout}.  With C{send}, those
     bytes are written once it is open; with C{expect}, the target's first
@@ -27,6 +26,9 @@ the agent's probe header.
     unreachable (the socket refused), or silence until C{timeout} fail it:
     unlike GoDoxy's UDP check, which cannot tell, a closed port or a silent
     service is down.
+  - Agent (GoDoxy's): the mutual-TLS tunnel must open and the agent close
+    it, with nothing sent back, after the probe header (flag "close
+    immediately"); a failed handshake, bytes in reply, or the timeout fail it.
 
 A check's socket is closed before its result is counted, so L{stop} (and
 each check) leaves no socket or timer behind once its Deferred has fired.
@@ -37,8 +39,9 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable, Final, Protocol
+from typing import TYPE_CHECKING, Callable, Final, Protocol
 
+from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, ITCPTransport, IUDPTransport
@@ -51,7 +54,13 @@ from twisted.python.failure import Failure
 from .balance import Target
 from .interfaces import IRelayReactor
 
-__all__ = ["DOWN_DELAY", "CheckFailed", "HealthCheck", "HealthChecker", "Probe", "TCPProbe", "UDPProbe", "default_retries"]
+if TYPE_CHECKING:  # imported when used: it imports the configuration, which imports this module
+    from .tlslayer import TLSLayer
+
+__all__ = [
+    "DOWN_DELAY", "AgentProbe", "CheckFailed", "HealthCheck", "HealthChecker", "Probe", "TCPProbe", "UDPProbe",
+    "default_retries",
+]
 
 _log = Logger(namespace="streamrelay")
 
@@ -101,6 +110,18 @@ class UDPProbe:
 
     def check(self, reactor: IRelayReactor, host: str, port: int, timeout: float) -> Deferred[None]:
         return _DatagramCheck(reactor, host, port, timeout, self.send, self.expect).result
+
+
+@dataclass(frozen=True)
+class AgentProbe:
+    """Open an agent's TLS tunnel (C{context}, verified as C{server_name}) and send C{header}, a probe's."""
+
+    context: SSL.Context
+    server_name: str
+    header: bytes
+
+    def check(self, reactor: IRelayReactor, host: str, port: int, timeout: float) -> Deferred[None]:
+        return _TunnelCheck(reactor, host, port, timeout, self).result
 
 
 @dataclass(frozen=True)
@@ -189,7 +210,10 @@ class _StreamCheck(_Check, StreamProtocol):
         self.send = send
         self.received = b""
         self.state = "connecting"
-        self.connector: IConnector = reactor.connectTCP(host, port, _OneConnection(self))
+        self.connector: IConnector = reactor.connectTCP(host, port, self.connection_factory(reactor, timeout))
+
+    def connection_factory(self, reactor: IRelayReactor, timeout: float) -> ClientFactory:
+        return _OneConnection(self)
 
     def waiting_for(self) -> str:
         return "not connected" if self.state == "connecting" else super().waiting_for()
@@ -237,11 +261,79 @@ class _OneConnection(ClientFactory):
     def __init__(self, check: _StreamCheck) -> None:
         self.check = check
 
-    def buildProtocol(self, addr: IAddress | None) -> _StreamCheck:
+    def buildProtocol(self, addr: IAddress | None) -> StreamProtocol:
         return self.check
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.check.connect_failed(reason)
+
+
+class _TunnelCheck(_StreamCheck):
+    """
+    An agent check: the check is the tunnel's inner protocol, connected once
+    the agent is verified; the agent closing after the header is the pass.
+    """
+
+    def __init__(self, reactor: IRelayReactor, host: str, port: int, timeout: float, probe: AgentProbe) -> None:
+        self.probe = probe
+        self.layer: TLSLayer | None = None  # once the TCP connection is open
+        super().__init__(reactor, host, port, timeout, probe.header, None)
+
+    def connection_factory(self, reactor: IRelayReactor, timeout: float) -> ClientFactory:
+        return _TunnelConnection(self, reactor, timeout)
+
+    def waiting_for(self) -> str:
+        if self.state == "connected":
+            return "the agent did not close the probe"
+        return "no TLS handshake" if self.layer is not None else "not connected"
+
+    def connectionMade(self) -> None:
+        self.state = "connected"
+        self.transport.write(self.probe.header)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.conclude(CheckFailed(f"the agent answered the probe with {data[:16]!r}"))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.state = "closed"
+        self.conclude(None)
+        self.gone()
+
+    def tls_failed(self, reason: str) -> None:
+        self.conclude(CheckFailed(f"tls: {reason}"))
+
+    def close(self, healthy: bool) -> None:
+        if self.state == "connecting" and self.layer is not None:  # during the handshake
+            self.state = "closing"
+            self.layer.abortConnection()
+        else:
+            super().close(healthy)
+
+
+class _TunnelConnection(_OneConnection):
+    """The factory of one L{_TunnelCheck}'s connection: a client TLS layer around the check."""
+
+    check: _TunnelCheck
+
+    def __init__(self, check: _TunnelCheck, reactor: IRelayReactor, timeout: float) -> None:
+        super().__init__(check)
+        self.reactor = reactor
+        self.timeout = timeout
+
+    def buildProtocol(self, addr: IAddress | None) -> StreamProtocol:
+        from .tlslayer import TLSLayer
+
+        check = self.check
+        check.layer = TLSLayer(
+            check, check.probe.context, server=False, reactor=self.reactor, handshake_timeout=self.timeout,
+            server_name=check.probe.server_name, on_failure=check.tls_failed,
+        )
+        return check.layer
+
+    def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
+        """After the check's own C{connectionLost} if the handshake was done; else the only word of the end."""
+        self.check.conclude(CheckFailed("closed during the TLS handshake"))
+        self.check.gone()
 
 
 class _DatagramCheck(_Check, DatagramProtocol):

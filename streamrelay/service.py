@@ -47,10 +47,11 @@ from .addresses import join_host_port
 from .bandwidth import Shaper
 from .compat import LimitedPort, adopt_limited, inherited_sockets, listen_limited
 from .acl import AccessList
-from .agent import AgentFront
+from .agent import AgentFront, AgentHealth, TunnelDatagrams
 from .agentheader import HeaderReader
 from .config import AgentConfig, Config, ConfigError, RouteConfig, StatusConfig, load_config
 from .dnscache import DNSCache
+from .dtls import DTLSServer, DTLSSession, server_context
 from .events import RefusalLog, RouteEvents
 from .hooks import NO_HOOKS, Hooks, hooks_for
 from .inbound import ProxyHeaderFactory
@@ -568,6 +569,10 @@ class RouteService(_ListeningService):
                 pair.feed(Input.ABORT, detail=reason)
 
 
+#: How many port numbers an agent on port 0 tries before giving up.
+_PORT_ATTEMPTS = 16
+
+
 class AgentService(RouteService):
     """
     The agent's port (L{streamrelay.agent}): the tunnels are the pairs of
@@ -584,9 +589,84 @@ class AgentService(RouteService):
     def configure(self, route: RouteConfig, hooks: Hooks, events: RouteEvents) -> None:
         super().configure(route, hooks, events)
         factory = self.factory
-        factory.requests = HeaderReader(self.agent)
+        factory.requests = self.reader = HeaderReader(self.agent)
         factory.deadlines[State.CHECKING] = self.agent.header_timeout
         self.entrance.front = AgentFront(factory, self.site)
+
+    #: The UDP side: DTLS on the TCP port's number, opened after it.
+    datagrams: DTLSServer | None = None
+    #: With C{listen} on port 0: the UDP socket bound first, whose number the TCP port took.
+    reserved: socket.socket | None = None
+
+    def listen(self, route: RouteConfig, number: int, inherited: Inherited | None) -> LimitedPort | Membership:
+        """
+        On port 0 the system picks a TCP port whose UDP twin may be taken:
+        bind UDP first, then TCP on its number (again if that one is taken).
+        """
+        if number != 0 or inherited is not None:
+            return super().listen(route, number, inherited)
+        family = socket.AF_INET6 if ":" in route.bind else socket.AF_INET
+        for _ in range(_PORT_ATTEMPTS):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.bind((route.bind, 0))
+                port = super().listen(route, sock.getsockname()[1], None)
+            except (OSError, CannotListenError):
+                sock.close()
+                continue
+            self.reserved = sock
+            return port
+        raise CannotListenError(route.bind, 0, OSError("no port number free for both TCP and UDP"))
+
+    def open(self) -> None:
+        super().open()
+        if self.datagrams is not None:
+            return
+        assert self.port is not None
+        agent = self.agent
+        host = self.port.getHost()
+        assert isinstance(host, (IPv4Address, IPv6Address))  # a TCP port's
+        server = DTLSServer(
+            server_context(agent.ca, agent.cert, agent.key), self.tunnel, clock=self.reactor,
+            refused=lambda address, reason: self.refusals.refuse(
+                "agent-tls", client=join_host_port(*address), reason=reason
+            ),
+        )
+        reserved, self.reserved = self.reserved, None
+        try:
+            if reserved is not None:
+                with reserved:
+                    reserved.setblocking(False)
+                    self.reactor.adoptDatagramPort(reserved.fileno(), reserved.family, server, MAX_DATAGRAM)
+            else:
+                self.reactor.listenUDP(host.port, server, interface=agent.bind, maxPacketSize=MAX_DATAGRAM)
+        except CannotListenError as e:
+            self.unbind()
+            raise StartError(
+                f"streamrelay: agent: cannot listen on udp {join_host_port(agent.bind, host.port)}: {e.socketError}"
+            ) from None
+        self.datagrams = server
+
+    def tunnel(self, session: DTLSSession) -> TunnelDatagrams:
+        """A verified DTLS session's handler: it reads the header, then relays."""
+        return TunnelDatagrams(
+            session, self.reader, self.events, self.refusals, self.stats, self.reactor, self.agent.header_timeout,
+        )
+
+    def stop_listening(self) -> Deferred[None] | None:
+        """The TCP port, then the DTLS sessions (each gets a close_notify) and their socket."""
+        stopped = super().stop_listening()
+        server, self.datagrams = self.datagrams, None
+        if server is None:
+            return stopped
+        closed = server.stop()
+        return closed if stopped is None else DeferredList([stopped, closed]).addCallback(lambda _: None)
+
+    def unbind(self) -> None:
+        super().unbind()
+        server, self.datagrams = self.datagrams, None
+        if server is not None:
+            server.stop()
 
 
 class UDPRouteService(_ListeningService):
@@ -689,6 +769,10 @@ class RelayService(MultiService):
         self.catching_sighup = False
         for route in config.routes:
             self.route_service(route, hooks_for(hooks, route.name), config.shutdown_timeout).setServiceParent(self)
+        #: The C{agents} entries' health checks; their settings need a restart to change.
+        self.agent_health = AgentHealth(config.agents, reactor)
+        if config.agents:
+            self.agent_health.setServiceParent(self)
         status = StatusService(config.status, self, reactor) if config.status is not None else None
         #: The agent's port, if this relay is one; its settings need a restart to change.
         self.agent: AgentService | None = None
@@ -835,7 +919,7 @@ class RelayService(MultiService):
             tuple(added), removed, changed, tuple(unchanged), failed,
             tuple(name for name, same in (
                 ("status", config.status == self.status_in_force), ("resolver", config.resolver == self.dns_settings),
-                ("agent", config.agent == self.config.agent),
+                ("agent", config.agent == self.config.agent), ("agents", config.agents == self.config.agents),
             ) if not same),
         )
         self.dns.retain({(spec.host, route.family) for route in config.routes for spec in route.targets})

@@ -17,7 +17,7 @@ import html
 import json
 import os
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any, Union
 
@@ -40,6 +40,7 @@ from twisted.web.server import Request, Site
 from . import events, service
 from .acl import AccessList
 from .addresses import describe, join_host_port
+from .balance import Target
 from .config import StatusConfig
 from .events import Throttle
 from .inbound import ProxyHeaderProtocol
@@ -160,6 +161,7 @@ class StatusService(Service):
             "health": self.health()[1],
             "config_loaded_at": self.relay.loaded_at,
             "routes": [route_snapshot(route, now, limit) for route in routes],
+            "agents": agents_snapshot(self.relay.agent_health.targets, now),
         }
 
 
@@ -206,6 +208,18 @@ def targets_snapshot(pool: TargetPool, now: float) -> list[dict[str, Any]]:
             "last_error": target.last_error,
         }
         for target in balancer.targets
+    ]
+
+
+def agents_snapshot(targets: Mapping[str, Target], now: float) -> list[dict[str, Any]]:
+    """The C{agents} entries: what their probes say."""
+    return [
+        {
+            "agent": name, "address": join_host_port(target.host, target.port), "up": target.up,
+            "last_check": None if target.last_check is None else round(now - target.last_check, 3),
+            "last_error": target.last_error,
+        }
+        for name, target in targets.items()
     ]
 
 
@@ -303,7 +317,7 @@ ROUTE_METRICS: tuple[tuple[str, str, bool, str | None], ...] = (
     ("datagrams_up", "Datagrams from clients", True, None),
     ("datagrams_down", "Datagrams from targets", True, None),
     ("datagrams_dropped", "Datagrams that could not be sent", True, None),
-    ("datagrams_oversized", "Datagrams dropped as too large with the outbound PROXY header", True, None),
+    ("datagrams_oversized", "Datagrams dropped as too large: with the outbound PROXY header, or for DTLS", True, None),
     ("target_up", "1 while the target may get connections (checks say up, not out after max_fails), else 0", False,
      "target"),
     ("target_active", "Pairs (UDP: sessions) open or dialing to the target", False, "target"),
@@ -330,10 +344,19 @@ class RelayCollector(Collector):
         for route in self.status.routes():
             labels = [route.route.name, route.route.protocol]
             samples = tcp_samples(route) if isinstance(route, service.RouteService) else udp_samples(route)
+            if isinstance(route, service.AgentService):
+                samples = chain(samples, agent_datagram_samples(route))
             for name, value, extra in chain(samples, target_samples(route)):
                 families[name].add_metric(labels if extra is None else [*labels, extra], value)
         yield from families.values()
         relay = self.status.relay
+        agents = GaugeMetricFamily(
+            "streamrelay_agent_up", "1 while the agent's probes pass (or none has failed retries times), else 0",
+            labels=["agent"],
+        )
+        for name, target in relay.agent_health.targets.items():
+            agents.add_metric([name], int(target.up))
+        yield agents
         reloads = CounterMetricFamily("streamrelay_reloads", "Configuration reloads, by result", labels=["result"])
         done = relay.reloads
         for result in ("succeeded", "failed"):
@@ -392,6 +415,18 @@ def tcp_samples(route: service.RouteService) -> Iterator[Sample]:
     yield "pairs_spliced", stats.spliced, None
     awaiting = sum(len(headers.pending) for _, headers in route.generations if headers is not None)
     yield "connections_awaiting_header", awaiting, None
+
+
+def agent_datagram_samples(route: service.AgentService) -> Iterator[Sample]:
+    """The agent's DTLS sessions, as a UDP route's (their bytes join the route's as they close)."""
+    stats = route.stats
+    yield "udp_sessions_active", 0 if route.datagrams is None else len(route.datagrams.peers), None
+    yield "udp_sessions_opened", stats.sessions_opened, None
+    for reason, count in stats.sessions_closed.items():
+        yield "udp_sessions_closed", count, reason
+    yield "datagrams_up", stats.datagrams_up, None
+    yield "datagrams_down", stats.datagrams_down, None
+    yield "datagrams_dropped", stats.datagrams_dropped, None
 
 
 def udp_samples(route: service.UDPRouteService) -> Iterator[Sample]:
@@ -557,7 +592,7 @@ def render_page(snapshot: dict[str, Any]) -> str:
              _settings(route["settings"]))
         for route in routes
     )
-    sections = "".join(_targets(route) + _connections(route) for route in routes)
+    sections = _agents(snapshot["agents"]) + "".join(_targets(route) + _connections(route) for route in routes)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="{PAGE_REFRESH}">
@@ -590,6 +625,19 @@ def _targets(route: dict[str, Any]) -> str:
     return (f"<h2>{_text(route['name'])}: {up} of {len(targets)} targets up</h2>"
             "<table><tr><th>Target</th><th>Weight</th><th>Role</th><th>State</th><th>Live</th><th>Picked</th>"
             f"<th>Failed dials</th><th>Checked ago</th><th>Last error</th></tr>{rows}</table>")
+
+
+def _agents(agents: list[dict[str, Any]]) -> str:
+    """The C{agents} entries: up or down by their probes, and the last failure."""
+    if not agents:
+        return ""
+    rows = "".join(
+        _row(a["agent"], (a["address"], "addr"), ("up", "ok") if a["up"] else ("down", "bad"),
+             (_seconds(a["last_check"]), "num"), a["last_error"] or "")
+        for a in agents
+    )
+    return ("<h2>Agents</h2><table><tr><th>Agent</th><th>Address</th><th>State</th><th>Checked ago</th>"
+            f"<th>Last error</th></tr>{rows}</table>")
 
 
 def _connections(route: dict[str, Any]) -> str:

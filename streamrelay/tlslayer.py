@@ -395,6 +395,11 @@ class TLSLayer(Protocol):
             self.transport.writeSequence(chunks)
 
     @property
+    def disconnecting(self) -> bool:
+        """Whether the layer is closing or has failed (twisted.web's line reader asks its transport)."""
+        return self.closing or self.failure is not None
+
+    @property
     def held(self) -> int:
         """Plaintext bytes the layer holds: written before the handshake, or decrypted and not handed up."""
         return self.pending_size + self.tls.pending()

@@ -50,9 +50,10 @@ from __future__ import annotations
 
 import errno
 import itertools
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any, Callable, Union, cast
 
+from OpenSSL import SSL
 from twisted.internet import udp
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
@@ -60,10 +61,12 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
+from . import dtls
 from .addresses import HOLD_LIMIT, RUN_ID, describe, join_host_port
+from .agentheader import encode_header
 from .bandwidth import Meter, Shaper
 from .compat import SessionPort
-from .config import RouteConfig
+from .config import AgentLinkConfig, RouteConfig
 from .datagrams import MAX_UDP_PAYLOAD, DatagramDropped, read_header, session_header
 from .dial import resolve
 from .balance import Target
@@ -74,7 +77,7 @@ from .ratelimit import RateLimiter
 from .stats import RouteStats
 from .targets import TargetPool
 
-__all__ = ["MAX_DATAGRAM", "DatagramRelay", "Door", "Listener", "ObservedSession", "Session"]
+__all__ = ["MAX_DATAGRAM", "DatagramRelay", "Door", "Listener", "ObservedSession", "Session", "next_session_id"]
 
 #: Read size of every socket: the largest UDP payload (65,507 bytes over
 #: IPv4, 65,527 over IPv6) fits, so nothing is truncated.  Twisted's default
@@ -91,6 +94,8 @@ SessionKey = Union[ClientKey, tuple[ClientKey, int]]
 
 #: Session ids: the C{conn} of the logs and of the hooks' context.
 _session_ids = itertools.count(1)
+#: The next session id (the agent's UDP sessions share the sequence).
+next_session_id = _session_ids.__next__
 
 
 class Session(DatagramProtocol):
@@ -134,6 +139,8 @@ class Session(DatagramProtocol):
         self.reply = self.listener.sendto if not route.udp_max_replies else self.reply_then_close
         self.requests = 0
         self.port: SessionPort | None = None
+        #: On a route with C{agent}: the DTLS session to the agent, in place of C{port}.
+        self.tunnel: dtls.DTLSClient | None = None
         self.decision: Deferred[object] | None = None  # the pending pre_dial hook's
         self.closed = False
         #: With several targets: the one this session's socket is connected to, for its whole life.
@@ -203,18 +210,31 @@ class Session(DatagramProtocol):
     meters: tuple[Meter | None, Meter | None] = (None, None)
 
     def send_within_bandwidth(self, data: bytes) -> None:
-        """C{send} under a C{bandwidth} limit up: a datagram over it is dropped."""
-        if self.fits(self.meters[0], data, "up"):
+        """
+        C{send} under a C{bandwidth} limit up: a datagram over it is dropped.
+        What the meter's lease covers is taken here, without a call: the
+        common case, and the whole cost of a limit that is never reached.
+        """
+        meter = self.meters[0]
+        assert meter is not None  # set only for a direction with a meter
+        if meter.credit >= len(data):
+            meter.credit -= len(data)
+            self.send_shaped(data)
+        elif self.fits(meter, data, "up"):
             self.send_shaped(data)
 
     def reply_within_bandwidth(self, data: bytes, peer: Address) -> None:
-        """C{reply} under a C{bandwidth} limit down: a datagram over it is dropped."""
-        if self.fits(self.meters[1], data, "down"):
+        """C{reply} under a C{bandwidth} limit down: a datagram over it is dropped (see L{send_within_bandwidth})."""
+        meter = self.meters[1]
+        assert meter is not None
+        if meter.credit >= len(data):
+            meter.credit -= len(data)
+            self.reply_shaped(data, peer)
+        elif self.fits(meter, data, "down"):
             self.reply_shaped(data, peer)
 
-    def fits(self, meter: Meter | None, data: bytes, direction: str) -> bool:
+    def fits(self, meter: Meter, data: bytes, direction: str) -> bool:
         """Whether C{data} fits the bandwidth; a datagram that does not is counted and logged (throttled)."""
-        assert meter is not None  # the wrappers are only set for a direction with a meter
         over = meter.admit(len(data))
         if over is None:
             return True
@@ -296,6 +316,12 @@ class Session(DatagramProtocol):
                 pool.ready.addCallback(lambda _: None if waiting.called else waiting.callback(None))
                 waiting.addCallback(lambda _: self.pick(pool))
             return
+        link = self.route.agent
+        if link is not None:
+            resolve(relay.reactor, link.host, None).addCallbacks(
+                lambda found: self.dial_agent(link, found[0]), self.resolve_failed
+            )
+            return
         resolve(relay.reactor, self.route.host, self.route.family).addCallbacks(
             self.connect, self.resolve_failed
         )
@@ -335,7 +361,61 @@ class Session(DatagramProtocol):
             self.close(f"target unreachable: {e.strerror}")
             return
         port.discard_strangers()
-        send: Callable[[bytes], Any] = port.getHandle().send
+        self.start_sending(port.getHandle().send, describe(port.getHost()))
+
+    def dial_agent(self, link: AgentLinkConfig, address: str) -> None:
+        """
+        Open this session's DTLS session to the agent; once it is verified,
+        the header naming the target goes first, then the held datagrams.
+        """
+        if self.closed:
+            return
+        route = self.route
+        self.tunnel = tunnel = dtls.DTLSClient(
+            _agent_context(link), (address, link.port), link.server_name, self,
+            handshake_timeout=route.connect_timeout, clock=self.relay.reactor,
+        )
+        wildcard = "::" if ":" in address else "0.0.0.0"
+        try:
+            self.relay.reactor.listenUDP(0, tunnel, interface=wildcard, maxPacketSize=MAX_DATAGRAM)
+        except CannotListenError as e:
+            self.tunnel = None
+            self.close(f"no socket: {e.socketError}")
+            return
+        tunnel.handshake.addCallbacks(
+            self.tunnel_open, lambda reason: self.close(f"agent: {reason.getErrorMessage()}")
+        )
+
+    def tunnel_open(self, _: None) -> None:
+        tunnel = self.tunnel
+        assert tunnel is not None and tunnel.transport is not None
+        tunnel.send(encode_header(self.route.host, self.target_port))
+        self.start_sending(self.send_in_tunnel, describe(tunnel.transport.getHost()))
+
+    def send_in_tunnel(self, data: bytes) -> None:
+        """C{send} through an agent: a datagram over the DTLS record limit is dropped and counted."""
+        assert self.tunnel is not None
+        if len(data) > dtls.MAX_DATAGRAM:
+            self.dropped += 1
+            self.relay.stats.datagrams_oversized += 1
+            self.relay.refusals.refuse(
+                "dtls-oversized", conn=self.id, client=join_host_port(*self.client), size=len(data),
+                limit=dtls.MAX_DATAGRAM,
+            )
+        elif not self.tunnel.send(data):
+            self.dropped += 1
+
+    # The DTLS session's handler (L{dtls.DatagramHandler}): the agent's datagrams are the target's.
+
+    def datagram_received(self, data: bytes) -> None:
+        self.datagramReceived(data, self.peer)
+
+    def session_closed(self, reason: str) -> None:
+        self.close(f"agent: {reason}")
+
+    def start_sending(self, send: Callable[[bytes], Any], via: str) -> None:
+        """Send through C{send} (wrapped for the route's settings) from now on, what was held first."""
+        relay = self.relay
         route = self.route
         if route.udp_proxy_protocol:
             self.header = self.proxy_header()
@@ -351,7 +431,7 @@ class Session(DatagramProtocol):
                 self.reply_shaped, self.reply = self.reply, self.reply_within_bandwidth
         self.send = send
         self.events.debug(
-            "session-open", conn=self.id, client=join_host_port(*self.client), via=describe(port.getHost()),
+            "session-open", conn=self.id, client=join_host_port(*self.client), via=via,
             **self.target_field(),
         )
         # Popped one by one: what a closing send leaves here, leave() counts as dropped.
@@ -433,7 +513,15 @@ class Session(DatagramProtocol):
             dropped=self.dropped, **({"port": self.listener.listen[1]} if self.route.port_count > 1 else {}),
             **target,
         )
+        if self.tunnel is not None:
+            return self.tunnel.stop()
         return self.port.stopListening() if self.port is not None else None
+
+
+@cache
+def _agent_context(link: AgentLinkConfig) -> SSL.Context:
+    """The DTLS context towards an agent, made once per C{agents} entry (files read once)."""
+    return dtls.client_context(link.ca, link.cert, link.key)
 
 
 class ObservedSession(Session):

@@ -14,18 +14,26 @@ import re
 import socket
 import ssl
 import struct
+import subprocess
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
 
-from streamrelay.config import ConfigError, parse_config
+from streamrelay.config import ConfigError, UpstreamTLSConfig, parse_config
 from streamrelay.dump import dump
+from streamrelay.health import AgentProbe, CheckFailed
+from streamrelay.tlscontext import client_context as tls_client_context
 from tests.harness import (
-    DEADLINE, HeaderTarget, Relay, Target, connect, recv_all, recv_exactly, write_config,
+    DEADLINE, HeaderTarget, Relay, Target, connect, poll, recv_all, recv_exactly, write_config,
 )
+from tests.test_udp import UDPEcho
 from tests.tls_ca import Issued, TestCA, ecdsa_ca, other_ca  # noqa: F401  (fixtures)
 
 ALPN = "godoxy-agent-stream/1"
@@ -102,6 +110,8 @@ class Setup:
     fake: FakeAgent
     ca: TestCA
     client_cert: Issued
+    udp_echo: UDPEcho
+    udp_denied: UDPEcho
 
 
 async def reply_after_fin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -116,8 +126,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory, ecdsa_ca: TestCA) -> Iterato
     directory = tmp_path_factory.mktemp("agent")
     agent_cert = ecdsa_ca.server("godoxy.agent", key_type="ec")  # ECDSA: what GoDoxy's agents offer
     client_cert = ecdsa_ca.client("streamrelay", key_type="rsa")
-    with Target() as echo, HeaderTarget() as proxied, Target() as denied, Target(reply_after_fin) as fin:
-        allowed = f"127.0.0.1/32:{echo.port},{proxied.port},{fin.port}"
+    with Target() as echo, HeaderTarget() as proxied, Target() as denied, Target(reply_after_fin) as fin, \
+            UDPEcho() as udp_echo, UDPEcho() as udp_denied:
+        allowed = f"127.0.0.1/32:{echo.port},{proxied.port},{fin.port},{udp_echo.port}"
         agent_path = write_config(directory, f"""
 agent:
   listen: 127.0.0.1:0
@@ -128,7 +139,7 @@ agent:
   header_timeout: 1s
 routes: {{}}
 """, "agent.yml")
-        with Relay(agent_path, wait=False) as agent:
+        with Relay(agent_path, "--log-level", "debug", wait=False) as agent:
             started = agent.wait_for("start", route="@agent")[0]
             agent_port = int(started["listen"].rsplit(":", 1)[1])
             fake = FakeAgent(ecdsa_ca, agent_cert)
@@ -143,6 +154,9 @@ routes: {{}}
                     ("fin", fin.port, "edge", ""),
                     ("fake", 7, "fake", ""),
                 )
+            ) + "".join(
+                f"  {name}: {{scheme: udp4, bind: 127.0.0.1, host: 127.0.0.1, port: ':{port}', agent: edge}}\n"
+                for name, port in (("udp", udp_echo.port), ("udp-denied", udp_denied.port))
             )
             client_path = write_config(directory, f"""
 agents:
@@ -151,7 +165,9 @@ agents:
 routes:
 {routes}""", "client.yml")
             with Relay(client_path) as client:
-                yield Setup(agent, client, agent_port, echo, proxied, denied, fake, ecdsa_ca, client_cert)
+                yield Setup(
+                    agent, client, agent_port, echo, proxied, denied, fake, ecdsa_ca, client_cert, udp_echo, udp_denied
+                )
             fake.close()
 
 
@@ -293,15 +309,190 @@ routes:
     assert loaded.routes[0].agent is not None and loaded.routes[0].agent.server_name == "edge.agent"
 
 
+def test_udp_routes_and_agent_health_settings_load(ecdsa_ca: TestCA) -> None:  # noqa: F811
+    config = parse_config(f"""
+agents:
+  edge: {{address: "192.0.2.1:8890", {agent_files(ecdsa_ca)}, healthcheck: {{interval: 2s, retries: 4}}}}
+routes:
+  dns: {{scheme: udp, port: "5353:53", host: 10.0.0.53, agent: edge}}
+""", "agent.yml")
+    [edge] = config.agents
+    assert (edge.healthcheck.interval, edge.healthcheck.timeout, edge.healthcheck.retries) == (2.0, 5.0, 4)
+    assert config.routes[0].protocol == "udp" and config.routes[0].agent == edge
+
+
 @pytest.mark.parametrize("body, message", [
     ("agent: {{listen: 8890, {files}}}\n", "field 'agent.allow_targets': required"),
     ("agent: {{listen: 8890, ca: /nonexistent, cert: /nonexistent, key: /nonexistent, allow_targets: [any]}}\n",
      "field 'agent': /nonexistent: cannot read"),
-    ("agents: {{edge: {{address: '127.0.0.1:1', {files}}}}}\nroutes:\n  r: {{scheme: udp, port: '1:2', agent: edge}}\n",
-     "route 'r': field 'agent': only for tcp routes"),
     ("routes:\n  r: {{scheme: tcp, port: '1:2', agent: nowhere}}\n",
      "route 'r': field 'agent': 'nowhere' is not in agents"),
+    ("agents: {{edge: {{address: '127.0.0.1:1', {files}, healthcheck: {{send: x}}}}}}\n",
+     "field 'agents.edge.healthcheck.send': unknown field (known fields: interval, retries, timeout)"),
 ])
 def test_config_errors_name_the_field(ecdsa_ca: TestCA, body: str, message: str) -> None:  # noqa: F811
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(body.format(files=agent_files(ecdsa_ca)), "agent.yml")
+
+
+# -- UDP: DTLS sessions through the agent
+
+
+def udp_client(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(DEADLINE)
+    sock.bind(("127.0.0.1", 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def agent_sessions(setup: Setup) -> list[dict]:
+    return setup.agent.actions("session-open", route="@agent", target=f"127.0.0.1:{setup.udp_echo.port}")
+
+
+def test_1000_datagrams_from_50_sources(setup: Setup) -> None:
+    """Each source gets a DTLS session of its own: 50 at the agent, 50 senders at the target."""
+    opened = len(agent_sessions(setup))
+    received = len(setup.udp_echo.received)
+    clients = [udp_client(relay_port(setup, "udp")) for _ in range(50)]
+    try:
+        for round_ in range(20):  # in waves of 50: each source's datagram, then its echo
+            for i, sock in enumerate(clients):
+                sock.send(b"source %d round %d" % (i, round_))
+            for i, sock in enumerate(clients):
+                assert sock.recv(65535) == b"source %d round %d" % (i, round_)
+    finally:
+        for sock in clients:
+            sock.close()
+    poll(lambda: len(agent_sessions(setup)) == opened + 50)
+    new = setup.udp_echo.received[received:]
+    assert len(new) == 1000
+    assert len({sender for sender, _ in new}) == 50
+    metrics = https_get(setup, setup.client_cert, "/metrics").decode()
+    sessions = re.search(r'^streamrelay_udp_sessions_opened_total\{protocol="tcp",route="@agent"\} (\S+)$', metrics, re.M)
+    assert sessions is not None and float(sessions[1]) >= 50
+
+
+def test_oversized_datagram_is_dropped_and_counted(setup: Setup) -> None:
+    with udp_client(relay_port(setup, "udp")) as sock:
+        sock.send(b"x" * (16384 + 1))
+        sock.send(b"after the big one")
+        assert sock.recv(65535) == b"after the big one"
+    dropped = setup.client.wait_for("dtls-oversized", route="udp")
+    assert dropped[-1]["size"] == 16385 and dropped[-1]["limit"] == 16384
+
+
+def test_udp_target_outside_allow_targets_is_refused(setup: Setup) -> None:
+    with udp_client(relay_port(setup, "udp-denied")) as sock:
+        sock.send(b"let me in")
+        setup.client.wait_for("session-closed", route="udp-denied", reason="agent: closed by peer")
+    refused = setup.agent.wait_for("agent-denied", target=f"127.0.0.1:{setup.udp_denied.port}")
+    assert refused
+    assert setup.udp_denied.received == []
+
+
+def s_client(setup: Setup, cert: Issued, data: bytes) -> subprocess.CompletedProcess:
+    """The system's OpenSSL as a test-side DTLS client of the agent: C{data} as one record."""
+    command = [
+        "openssl", "s_client", "-dtls1_2", "-connect", f"127.0.0.1:{setup.agent_port}", "-cert", str(cert.cert),
+        "-key", str(cert.key), "-CAfile", str(setup.ca.cert), "-verify_return_error",
+        "-verify_hostname", "godoxy.agent", "-quiet", "-ign_eof",
+    ]
+    return subprocess.run(command, input=data, capture_output=True, timeout=DEADLINE)
+
+
+def test_udp_probe_is_answered_without_dialing(setup: Setup) -> None:
+    """The agent closes the session (close_notify: s_client exits 0) and opens nothing."""
+    opened = len(agent_sessions(setup))
+    received = len(setup.udp_echo.received)
+    done = s_client(setup, setup.client_cert, header("127.0.0.1", setup.udp_echo.port, flags=1))
+    assert done.returncode == 0, done.stderr
+    assert len(agent_sessions(setup)) == opened
+    assert len(setup.udp_echo.received) == received
+
+
+def test_udp_client_certificate_from_another_ca_is_refused(
+    setup: Setup, other_ca: TestCA  # noqa: F811
+) -> None:
+    received = len(setup.udp_echo.received)
+    done = s_client(setup, other_ca.client("intruder", key_type="ec"), header("127.0.0.1", setup.udp_echo.port))
+    assert done.returncode != 0 and b"unknown ca" in done.stderr, done.stderr
+    assert len(setup.udp_echo.received) == received
+
+
+# -- health checks of agents entries
+
+
+def test_agent_health_follows_the_agent_process(tmp_path, ecdsa_ca: TestCA) -> None:  # noqa: F811
+    """Probes every 0.2 s, down after 2 failures: a killed agent is down within a second, a new one up again."""
+    from tests.test_status import metrics, snapshot, status_listen
+
+    files = agent_files(ecdsa_ca)
+    client_cert = ecdsa_ca.client("streamrelay", key_type="ec")
+
+    def agent_config(port: int) -> Path:
+        """An agent that allows no target the probe names: a probe is answered all the same."""
+        text = f'agent: {{listen: "127.0.0.1:{port}", {files}, allow_targets: ["127.0.0.1/32:1"]}}\nroutes: {{}}\n'
+        return write_config(tmp_path, text, "agent.yml")
+
+    up = ("streamrelay_agent_up", frozenset({("agent", "edge")}))
+    with Relay(agent_config(0), wait=False) as agent:
+        port = int(agent.wait_for("start", route="@agent")[0]["listen"].rsplit(":", 1)[1])
+        client_path = write_config(tmp_path, f"""
+status: {{listen: "127.0.0.1:0"}}
+agents:
+  edge:
+    address: "127.0.0.1:{port}"
+    ca: {ecdsa_ca.cert}
+    cert: {client_cert.cert}
+    key: {client_cert.key}
+    healthcheck: {{interval: 200ms, timeout: 1s, retries: 2}}
+routes:
+  r: {{scheme: tcp4, bind: 127.0.0.1, host: 127.0.0.1, port: ":1", agent: edge}}
+""", "client.yml")
+        with Relay(client_path) as client:
+            listen = status_listen(client)
+            poll(lambda: snapshot(listen)["agents"][0]["last_check"] is not None)
+            [edge] = snapshot(listen)["agents"]
+            assert edge["agent"] == "edge" and edge["up"] and edge["last_error"] is None
+            assert metrics(listen)[up] == 1
+            assert agent.actions("agent-denied") == []
+            agent.process.kill()
+            agent.stop()
+            killed = time.monotonic()
+            down = client.wait_for("agent-down", agent="edge", timeout=0.2 * 2 + 1.5)
+            assert time.monotonic() - killed < 0.2 * 2 + 1.5
+            assert "refused" in down[0]["reason"]
+            assert metrics(listen)[up] == 0
+            assert snapshot(listen)["agents"][0]["up"] is False
+            with Relay(agent_config(port), wait=False) as again:
+                again.wait_for("start", route="@agent")
+                client.wait_for("agent-up", agent="edge", reason="check passed")
+                assert metrics(listen)[up] == 1
+
+
+class AgentProbeTests(TestCase):
+    """L{AgentProbe} on its own, against the agent process and the test-side agent."""
+
+    @pytest.fixture(autouse=True)
+    def agents(self, setup: Setup, other_ca: TestCA) -> None:  # noqa: F811
+        self.setup, self.other_ca = setup, other_ca
+
+    def probe(self, ca: TestCA) -> AgentProbe:
+        cert = self.setup.client_cert
+        upstream = UpstreamTLSConfig(
+            server_name="godoxy.agent", ca=str(ca.cert), cert=str(cert.cert), key=str(cert.key), alpn=(ALPN,)
+        )
+        return AgentProbe(tls_client_context(upstream), "godoxy.agent", header("127.0.0.1", 1, flags=1))
+
+    async def test_the_agent_passes(self) -> None:
+        await self.probe(self.setup.ca).check(reactor, "127.0.0.1", self.setup.agent_port, DEADLINE)
+
+    async def test_an_agent_the_ca_did_not_sign_fails(self) -> None:
+        with self.assertRaisesRegex(CheckFailed, "^tls: certificate verify failed"):
+            await self.probe(self.other_ca).check(reactor, "127.0.0.1", self.setup.agent_port, DEADLINE)
+
+    async def test_an_agent_that_keeps_the_probe_open_fails(self) -> None:
+        """The test-side agent reads the header and waits for more: the probe's timeout ends it."""
+        with self.assertRaisesRegex(CheckFailed, "^the agent did not close the probe within 0.5s$"):
+            await self.probe(self.setup.ca).check(reactor, "127.0.0.1", self.setup.fake.port, 0.5)
