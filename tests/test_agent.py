@@ -2,7 +2,7 @@
 Agent tunnels (GoDoxy's wire format) end to end: one streamrelay process
 with C{agent:} and one with C{agents:} and routes through it, plus a
 test-side client and a test-side agent written from the wire format with
-Python's C{ssl}, not from the project's code.
+Python's C{ssl} (TCP) and pyOpenSSL (DTLS), not from the project's code.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
@@ -112,6 +114,7 @@ class Setup:
     client_cert: Issued
     udp_echo: UDPEcho
     udp_denied: UDPEcho
+    agent_cert: Issued
 
 
 async def reply_after_fin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -155,8 +158,10 @@ routes: {{}}
                     ("fake", 7, "fake", ""),
                 )
             ) + "".join(
-                f"  {name}: {{scheme: udp4, bind: 127.0.0.1, host: 127.0.0.1, port: ':{port}', agent: edge}}\n"
-                for name, port in (("udp", udp_echo.port), ("udp-denied", udp_denied.port))
+                f"  {name}: {{scheme: udp4, bind: 127.0.0.1, host: 127.0.0.1, port: ':{port}', agent: {via}}}\n"
+                for name, port, via in (
+                    ("udp", udp_echo.port, "edge"), ("udp-denied", udp_denied.port, "edge"), ("udp-fake", 9, "fake")
+                )
             )
             client_path = write_config(directory, f"""
 agents:
@@ -166,7 +171,8 @@ routes:
 {routes}""", "client.yml")
             with Relay(client_path) as client:
                 yield Setup(
-                    agent, client, agent_port, echo, proxied, denied, fake, ecdsa_ca, client_cert, udp_echo, udp_denied
+                    agent, client, agent_port, echo, proxied, denied, fake, ecdsa_ca, client_cert, udp_echo, udp_denied,
+                    agent_cert,
                 )
             fake.close()
 
@@ -418,6 +424,178 @@ def test_udp_client_certificate_from_another_ca_is_refused(
     done = s_client(setup, other_ca.client("intruder", key_type="ec"), header("127.0.0.1", setup.udp_echo.port))
     assert done.returncode != 0 and b"unknown ca" in done.stderr, done.stderr
     assert len(setup.udp_echo.received) == received
+
+
+# -- interop over DTLS: a test-side client and agent on pyOpenSSL alone
+
+
+def parse_header(raw: bytes) -> tuple[str, int, int]:
+    """C{(host, port, flags)} of a request header, checked as the wire format says an agent must."""
+    assert len(raw) == 275
+    assert struct.unpack(">I", raw[271:])[0] == zlib.crc32(raw[:271])
+    assert raw[:8] == b"0.1.0".ljust(8, b"\0")
+    host_length, port_length = raw[8], raw[264]
+    assert 1 <= port_length <= 5
+    port = int(raw[265:265 + port_length].decode("ascii"))
+    assert 1 <= port <= 65535
+    return raw[9:9 + host_length].decode(), port, raw[270]
+
+
+def dtls_context(ca: TestCA, cert: Issued) -> SSL.Context:
+    """DTLS, mutual authentication under C{ca}; memory BIOs cannot ask the kernel for the MTU."""
+    context = SSL.Context(SSL.DTLS_METHOD)
+    context.use_certificate_file(str(cert.cert))
+    context.use_privatekey_file(str(cert.key))
+    context.load_verify_locations(str(ca.cert))
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    context.set_options(SSL.OP_NO_QUERY_MTU)
+    return context
+
+
+class DTLSPeer:
+    """
+    One DTLS session on memory BIOs over a connected UDP socket: whatever
+    OpenSSL has to send after a step leaves as one datagram, so every
+    application record is a datagram of its own.
+    """
+
+    def __init__(self, connection: SSL.Connection, sock: socket.socket) -> None:
+        connection.set_ciphertext_mtu(1400)
+        self.connection, self.sock = connection, sock
+
+    def flush(self) -> None:
+        try:
+            self.sock.send(self.connection.bio_read(65535))
+        except SSL.WantReadError:
+            pass
+
+    def feed(self) -> None:
+        """Hand OpenSSL the next datagram, resending the last flight whenever its timer runs out."""
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            left = deadline - time.monotonic()
+            timer = self.connection.DTLSv1_get_timeout()
+            self.sock.settimeout(max(min(left, left if timer is None else timer), 0.001))
+            try:
+                self.connection.bio_write(self.sock.recv(65535))
+                return
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                self.connection.DTLSv1_handle_timeout()
+                self.flush()
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.connection.do_handshake()
+            except SSL.WantReadError:
+                self.flush()
+                self.feed()
+            else:
+                self.flush()
+                return
+
+    def send(self, data: bytes) -> None:
+        self.connection.send(data)
+        self.flush()
+
+    def recv(self) -> bytes:
+        while True:
+            try:
+                return self.connection.recv(65535)
+            except SSL.WantReadError:
+                self.flush()
+                self.feed()
+
+
+def test_test_side_dtls_client_talks_to_the_agent(setup: Setup) -> None:
+    """A DTLS 1.2 session to the agent's UDP port: the header, then one record per datagram, each echoed."""
+    connection = SSL.Connection(dtls_context(setup.ca, setup.client_cert), None)
+    connection.set_connect_state()
+    connection.set_tlsext_host_name(b"godoxy.agent")
+    received = len(setup.udp_echo.received)
+    with udp_client(setup.agent_port) as sock:
+        peer = DTLSPeer(connection, sock)
+        peer.handshake()
+        assert connection.get_protocol_version_name() == "DTLSv1.2"
+        agent = connection.get_peer_certificate(as_cryptography=True)
+        assert agent is not None
+        names = agent.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert names.get_values_for_type(x509.DNSName) == ["godoxy.agent"]
+        peer.send(header("127.0.0.1", setup.udp_echo.port))
+        for i in range(5):
+            peer.send(b"dtls interop %d" % i)
+            assert peer.recv() == b"dtls interop %d" % i
+        connection.shutdown()
+        peer.flush()
+    assert [data for _, data in setup.udp_echo.received[received:]] == [b"dtls interop %d" % i for i in range(5)]
+
+
+class FakeDTLSAgent:
+    """
+    A GoDoxy-style DTLS agent from the wire format on UDP C{port}: a
+    stateless cookie exchange, mutual authentication, the header, then
+    echoes. It serves one session, the first source that returns its cookie.
+    """
+
+    def __init__(self, ca: TestCA, cert: Issued, port: int) -> None:
+        self.context = dtls_context(ca, cert)
+        cookie = os.urandom(16)
+        self.context.set_cookie_generate_callback(lambda connection: cookie)
+        self.context.set_cookie_verify_callback(lambda connection, offered: offered == cookie)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.settimeout(DEADLINE)
+        self.headers: list[bytes] = []
+        self.client_names: list[str] = []
+        self.failure: Exception | None = None
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def accept(self) -> DTLSPeer:
+        """Answer each ClientHello with a HelloVerifyRequest, keeping no state, until one carries the cookie."""
+        connection = SSL.Connection(self.context, None)
+        connection.set_accept_state()
+        while True:
+            data, source = self.sock.recvfrom(65535)
+            connection.bio_write(data)
+            try:
+                connection.DTLSv1_listen()
+            except SSL.WantReadError:
+                self.sock.sendto(connection.bio_read(65535), source)
+                continue
+            self.sock.connect(source)
+            return DTLSPeer(connection, self.sock)
+
+    def serve(self) -> None:
+        try:
+            peer = self.accept()
+            peer.handshake()
+            client = peer.connection.get_peer_certificate(as_cryptography=True)
+            assert client is not None
+            self.client_names.append(client.subject.rfc4514_string())
+            self.headers.append(peer.recv())
+            while True:
+                peer.send(peer.recv())
+        except (OSError, SSL.Error, AssertionError) as failure:
+            self.failure = failure
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_test_side_dtls_agent_serves_the_client_route(setup: Setup) -> None:
+    """The fake agent shares the TCP one's port number, so the route's C{agent: fake} reaches it over UDP."""
+    fake = FakeDTLSAgent(setup.ca, setup.agent_cert, setup.fake.port)
+    try:
+        with udp_client(relay_port(setup, "udp-fake")) as sock:
+            for i in range(5):
+                sock.send(b"to the dtls agent %d" % i)
+                assert sock.recv(65535) == b"to the dtls agent %d" % i, fake.failure
+    finally:
+        fake.close()
+    assert parse_header(fake.headers[0]) == ("127.0.0.1", 9, 0)
+    assert fake.client_names == ["CN=streamrelay"]
 
 
 # -- health checks of agents entries
