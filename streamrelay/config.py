@@ -840,8 +840,9 @@ class _Parser:
         routes = tuple(
             self.route(name, raw, defaults) for name, raw in zip(names, routes_raw.values())
         )
-        if "agent" in top:
-            self.check_clashes((*routes, extra["agent"].route))
+        if "agent" in top:  # its TLS port, and DTLS on the same port number
+            agent = extra["agent"].route
+            self.check_clashes((*routes, agent, dataclasses.replace(agent, scheme="udp")))
         else:
             self.check_clashes(routes)
         if "status" in top:

@@ -336,6 +336,8 @@ routes:
      "route 'r': field 'agent': 'nowhere' is not in agents"),
     ("agents: {{edge: {{address: '127.0.0.1:1', {files}, healthcheck: {{send: x}}}}}}\n",
      "field 'agents.edge.healthcheck.send': unknown field (known fields: interval, retries, timeout)"),
+    ("agent: {{listen: 8890, {files}, allow_targets: [any]}}\nroutes:\n  dns: {{scheme: udp, port: '8890:53'}}\n",
+     "udp [::]:8890 clashes with route 'dns'"),
 ])
 def test_config_errors_name_the_field(ecdsa_ca: TestCA, body: str, message: str) -> None:  # noqa: F811
     with pytest.raises(ConfigError, match=re.escape(message)):
