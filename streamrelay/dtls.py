@@ -51,7 +51,7 @@ from twisted.internet.protocol import DatagramProtocol
 
 from .dial import is_ip_literal
 from .tlscontext import (
-    CIPHERS, TLSVerificationError, _load_certificates, _note_failure, _use_identity, verify_failure, verify_server,
+    CIPHERS, TLSVerificationError, load_certificates, note_failure, use_identity, verify_failure, verify_server,
 )
 
 __all__ = [
@@ -94,9 +94,9 @@ class DatagramHandler(Protocol):
 def server_context(ca: str, cert: str, key: str) -> SSL.Context:
     """A DTLS 1.2 server context that requires a client certificate from C{ca} and a cookie."""
     context = _context(SSL.DTLS_SERVER_METHOD, ca, cert, key)
-    for authority in _load_certificates(ca):
+    for authority in load_certificates(ca):
         context.add_client_ca(authority)
-    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _note_failure)
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, note_failure)
     context.set_cookie_generate_callback(_cookie)
     context.set_cookie_verify_callback(lambda connection, cookie: hmac.compare_digest(cookie, _cookie(connection)))
     return context
@@ -105,7 +105,7 @@ def server_context(ca: str, cert: str, key: str) -> SSL.Context:
 def client_context(ca: str, cert: str, key: str) -> SSL.Context:
     """A DTLS 1.2 client context that presents C{cert} and verifies the server against C{ca}."""
     context = _context(SSL.DTLS_CLIENT_METHOD, ca, cert, key)
-    context.set_verify(SSL.VERIFY_PEER, _note_failure)
+    context.set_verify(SSL.VERIFY_PEER, note_failure)
     return context
 
 
@@ -115,7 +115,7 @@ def _context(method: int, ca: str, cert: str, key: str) -> SSL.Context:
     context.set_max_proto_version(DTLS1_2_VERSION)
     context.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_QUERY_MTU)
     context.set_cipher_list(CIPHERS)
-    _use_identity(context, cert, key, None)
+    use_identity(context, cert, key, None)
     context.load_verify_locations(ca)
     return context
 

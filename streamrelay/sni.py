@@ -55,7 +55,8 @@ class HelloPeek(ProtocolWrapper):
 
     def __init__(self, router: SNIRouter) -> None:
         super().__init__(router, None)  # type: ignore[arg-type]  # the route's protocol comes later
-        self.received = b""  # everything, for the route's protocol
+        #: Everything read, for the route's protocol: chunks, joined once (a hello may trickle in by the byte).
+        self.received: list[bytes] = []
         self.reader = HelloReader()  # reads each byte once, however the hello trickles in
         self.hello: ClientHello | None = None
         self.timer: IDelayedCall | None = None
@@ -73,7 +74,7 @@ class HelloPeek(ProtocolWrapper):
         self.timer = router.reactor.callLater(router.hello_timeout(), self.refuse, "hello-timeout", "no ClientHello in time")
 
     def dataReceived(self, data: bytes) -> None:
-        self.received += data
+        self.received.append(data)
         try:
             hello = self.reader.feed(data)
         except InvalidClientHello as e:
@@ -118,7 +119,7 @@ class HelloPeek(ProtocolWrapper):
         self.wrappedProtocol = inner
         swap_protocol(connection_under(self), inner)  # out of the data path from now on
         inner.makeConnection(self)  # provides the transport's interfaces
-        data, self.received = self.received, b""
+        data, self.received = b"".join(self.received), []
         inner.dataReceived(data)
 
 

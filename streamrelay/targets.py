@@ -88,6 +88,15 @@ class TargetPool:
         self.ready = DeferredList(waiting).addCallback(lambda _: None) if waiting else succeed(None)
         self.rebuild()
 
+    def when_ready(self) -> Deferred[None]:
+        """
+        A Deferred of the caller's own that fires once every name has its
+        first answer: cancelling it leaves C{ready} (shared) alone.
+        """
+        waiting: Deferred[None] = Deferred()
+        self.ready.addCallback(lambda _: None if waiting.called else waiting.callback(None))
+        return waiting
+
     def rebuild(self) -> None:
         """The balancer's (and the checks') targets from the answers in hand."""
         specs = [

@@ -452,10 +452,8 @@ class Pair:
             if pool.ready.called:
                 self.dial_next(pool)
             else:  # the first DNS answers are not in yet
-                waiting: Deferred[None] = Deferred()
-                pool.ready.addCallback(lambda _: None if waiting.called else waiting.callback(None))
-                waiting.addCallbacks(lambda _: self.dial_next(pool), lambda _: None)  # or cancelled
-                self.pending = waiting
+                self.pending = pool.when_ready()
+                self.pending.addCallbacks(lambda _: self.dial_next(pool), lambda _: None)  # or cancelled
             return
         if is_ip_literal(host):
             self.start_dial([host])

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from OpenSSL.SSL import _NoOverlappingProtocols
 
 __all__ = [
-    "TLSSetupError", "TLSVerificationError", "client_context", "file_digest", "server_context",
-    "verify_failure", "verify_server",
+    "TLSSetupError", "TLSVerificationError", "client_context", "file_digest", "load_certificates", "note_failure",
+    "server_context", "use_identity", "verify_failure", "verify_server",
 ]
 
 #: OpenSSL's default suites without RSA key transport (no forward secrecy)
@@ -95,15 +95,15 @@ def server_context(tls: TLSConfig) -> SSL.Context:
     if tls.verify_client == "none" and tls.client_ca:
         raise TLSSetupError(tls.client_ca, f"{tls.client_ca}: client_ca is set but verify_client is none")
     context = _context(SSL.TLS_SERVER_METHOD, tls.min_version)
-    _use_identity(context, tls.cert, tls.key, tls.chain)
+    use_identity(context, tls.cert, tls.key, tls.chain)
     if tls.client_ca:
-        for authority in _load_certificates(tls.client_ca):
+        for authority in load_certificates(tls.client_ca):
             context.add_client_ca(authority)  # the names a client picks its certificate by
         context.load_verify_locations(tls.client_ca)
         mode = SSL.VERIFY_PEER
         if tls.verify_client == "require":
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-        context.set_verify(mode, _note_failure)
+        context.set_verify(mode, note_failure)
     # Resumed sessions carry their client's verification: only within the same settings.
     context.set_session_id(hashlib.sha256(repr(tls).encode()).digest()[:32])
     if tls.alpn:
@@ -119,9 +119,9 @@ def client_context(upstream: UpstreamTLSConfig) -> SSL.Context:
         raise TLSSetupError(given, f"{given}: a client certificate needs both cert and key")
     context = _context(SSL.TLS_CLIENT_METHOD, upstream.min_version)
     if upstream.cert and upstream.key:
-        _use_identity(context, upstream.cert, upstream.key, None)
+        use_identity(context, upstream.cert, upstream.key, None)
     if upstream.ca:
-        _load_certificates(upstream.ca)  # checked even where verify is false: a typo stays one
+        load_certificates(upstream.ca)  # checked even where verify is false: a typo stays one
     if upstream.verify:
         if upstream.ca:
             context.load_verify_locations(upstream.ca)
@@ -130,7 +130,7 @@ def client_context(upstream: UpstreamTLSConfig) -> SSL.Context:
             # pyOpenSSL falls back to the distribution's bundle
             # (/etc/ssl/certs/ca-certificates.crt on Debian).
             context.set_default_verify_paths()
-        context.set_verify(SSL.VERIFY_PEER, _note_failure)
+        context.set_verify(SSL.VERIFY_PEER, note_failure)
     if upstream.alpn:
         context.set_alpn_protos([protocol.encode() for protocol in upstream.alpn])
     return context
@@ -184,9 +184,9 @@ def _context(method: int, min_version: TLSVersion) -> SSL.Context:
     return context
 
 
-def _use_identity(context: SSL.Context, cert_path: str, key_path: str, chain_path: str | None) -> None:
+def use_identity(context: SSL.Context, cert_path: str, key_path: str, chain_path: str | None) -> None:
     """Load a certificate (its file may hold the chain too), its key and chain, checked."""
-    certificates = _load_certificates(cert_path)
+    certificates = load_certificates(cert_path)
     leaf = certificates[0]
     _check_validity(cert_path, leaf)
     key = _load_key(key_path)
@@ -195,7 +195,7 @@ def _use_identity(context: SSL.Context, cert_path: str, key_path: str, chain_pat
         raise TLSSetupError(key_path, f"{key_path}: this key does not match the certificate in {cert_path}")
     context.use_certificate(leaf)
     context.use_privatekey(key)
-    for intermediate in certificates[1:] + (_load_certificates(chain_path) if chain_path else []):
+    for intermediate in certificates[1:] + (load_certificates(chain_path) if chain_path else []):
         context.add_extra_chain_cert(intermediate)
 
 
@@ -207,7 +207,7 @@ def _read(path: str) -> bytes:
         raise TLSSetupError(path, f"{path}: cannot read: {e.strerror}") from None
 
 
-def _load_certificates(path: str) -> list[x509.Certificate]:
+def load_certificates(path: str) -> list[x509.Certificate]:
     data = _read(path)
     try:
         return x509.load_pem_x509_certificates(data)
@@ -238,7 +238,7 @@ def _check_validity(path: str, certificate: x509.Certificate) -> None:
         raise TLSSetupError(path, f"{path}: the certificate is not valid before {when}")
 
 
-def _note_failure(connection: SSL.Connection, certificate: crypto.X509, error: int, depth: int, ok: int) -> bool:
+def note_failure(connection: SSL.Connection, certificate: crypto.X509, error: int, depth: int, ok: int) -> bool:
     """OpenSSL's verdict, unchanged; the first error is kept for L{verify_failure}."""
     if not ok:
         _failures.setdefault(connection, error)

@@ -311,10 +311,8 @@ class Session(DatagramProtocol):
         if pool is not None:
             if pool.ready.called:
                 self.pick(pool)
-            else:  # the first DNS answers are not in yet: wait on a Deferred of our own
-                waiting: Deferred[None] = Deferred()
-                pool.ready.addCallback(lambda _: None if waiting.called else waiting.callback(None))
-                waiting.addCallback(lambda _: self.pick(pool))
+            else:  # the first DNS answers are not in yet
+                pool.when_ready().addCallback(lambda _: self.pick(pool))
             return
         link = self.route.agent
         if link is not None:
