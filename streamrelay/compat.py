@@ -1,9 +1,10 @@
 """
 Every use of a Twisted internal, in one place.
 
-Twisted's public API stops short of five things the relay needs: accepting
+Twisted's public API stops short of six things the relay needs: accepting
 no more connections than a limit leaves room for (on a socket it binds or
-adopts, with a backlog a reload can change), handing a socket back to its
+adopts, with a backlog a reload can change), giving an accepted socket a
+transport of the relay's own (L{streamrelay.lean}), handing a socket back to its
 transport after the splice engine relayed it, reading one datagram per
 readiness event on a connected UDP socket, and the sockets systemd passed.
 Each is done here, against attributes Twisted does not promise to keep;
@@ -15,12 +16,15 @@ loudly there instead of quietly somewhere on the relay path.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Callable
 
 from twisted.internet import tcp, udp
 from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.interfaces import Binding, IProtocol, IProtocolFactory, IReactorFDSet, IReactorTCP
 from twisted.python.failure import Failure
+
+from .lean import LeanConnection, set_relay_options
 
 __all__ = [
     "LimitedPort", "SessionPort", "adopt_limited", "connection_under", "hand_back", "inherited_sockets", "listen_limited",
@@ -40,6 +44,24 @@ class LimitedPort(tcp.Port):
     """
 
     room: Callable[[], int]
+
+    def startListening(self) -> None:
+        """Listen, with the options the lean connections inherit."""
+        super().startListening()
+        set_relay_options(self.socket)
+
+    def transport(  # type: ignore[override]  # a class attribute in tcp.Port, called as a factory
+        self, skt: socket.socket, protocol: IProtocol, addr: tuple[str, int], server: tcp.Port, sessionno: int,
+        reactor: IReactorFDSet,
+    ) -> tcp.Server | LeanConnection:
+        """
+        The transport of an accepted connection (C{tcp.Port.doRead} calls
+        this): a lean one where the factory says its connections are plain
+        (C{lean}), else Twisted's.
+        """
+        if getattr(self.factory, "lean", False):
+            return LeanConnection.accepted(skt, protocol, addr, reactor)  # type: ignore[arg-type]
+        return tcp.Server(skt, protocol, addr, server, sessionno, reactor)
 
     def doRead(self) -> None:
         room = self.room()
@@ -86,7 +108,7 @@ def inherited_sockets() -> dict[str, int]:
     return _SystemdParser._sddaemon.inheritedNamedDescriptors()
 
 
-def hand_back(connection: tcp.Connection, reason: Failure) -> None:
+def hand_back(connection: tcp.Connection | LeanConnection, reason: Failure) -> None:
     """
     End a TCP connection whose socket the relay drove itself, as the reactor
     would: C{tcp.Connection.connectionLost} closes the socket and tells the
@@ -95,13 +117,13 @@ def hand_back(connection: tcp.Connection, reason: Failure) -> None:
     connection.connectionLost(reason)
 
 
-def connection_under(transport: object) -> tcp.Connection:
+def connection_under(transport: object) -> tcp.Connection | LeanConnection:
     """
     The TCP connection under C{transport} and the layers a relay puts over
     it (an inbound PROXY header's wrapper, a ClientHello peek, TLS), each of
     which keeps the one below as its C{transport}.
     """
-    while not isinstance(transport, tcp.Connection):
+    while not isinstance(transport, (tcp.Connection, LeanConnection)):
         transport = getattr(transport, "transport")
     return transport
 

@@ -6,13 +6,15 @@ attempts, rotating through the resolved addresses.
 C{connectTCP} with a C{ClientFactory} is used rather than an endpoint: the
 target's protocol is then the relay's own, with no wrapping layer on the
 per-chunk path, and a pending attempt can be stopped when the client leaves.
+A plain pair's route connects with L{streamrelay.lean.connect} instead,
+which takes the same arguments.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Callable
+from typing import Callable, Protocol as Interface
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
@@ -29,7 +31,17 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["Dial", "is_ip_literal", "resolve"]
+__all__ = ["Attempt", "Connect", "Dial", "is_ip_literal", "resolve"]
+
+
+class Attempt(Interface):
+    """What a dial keeps of a connection attempt: Twisted's connector, or a lean one."""
+
+    def stopConnecting(self) -> None: ...
+
+
+#: How an attempt starts: C{reactor.connectTCP}, or L{streamrelay.lean.connect} bound to a reactor.
+Connect = Callable[[str, int, ClientFactory, float], Attempt]
 
 _ADDRESS_TYPES = {4: [IPv4Address], 6: [IPv6Address], None: None}
 
@@ -105,8 +117,10 @@ class Dial(ClientFactory):
         retries: int,
         make_protocol: Callable[[], Protocol],
         on_failure: Callable[[Failure], None],
+        connect: Connect | None = None,
     ) -> None:
         self.reactor = reactor
+        self.connect: Connect = connect or reactor.connectTCP
         self.addresses = addresses
         self.port = port
         self.timeout = timeout
@@ -114,7 +128,7 @@ class Dial(ClientFactory):
         self.attempts_made = 0
         self.make_protocol = make_protocol
         self.on_failure = on_failure
-        self.connector: IConnector | None = None
+        self.connector: Attempt | None = None
         #: The protocol of a connected attempt: one that connects its caller late (TLS) is reset if cancelled meanwhile.
         self.built: Protocol | None = None
         self.cancelled = False
@@ -122,7 +136,7 @@ class Dial(ClientFactory):
     def start(self) -> None:
         address = self.addresses[self.attempts_made % len(self.addresses)]
         self.attempts_made += 1
-        self.connector = self.reactor.connectTCP(address, self.port, self, self.timeout)
+        self.connector = self.connect(address, self.port, self, self.timeout)
 
     def cancel(self) -> None:
         """Stop a pending attempt; no failure is reported after this."""

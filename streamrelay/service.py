@@ -351,6 +351,8 @@ class _Entrance(ServerFactory):
     noisy = False
     #: The newest generation's PROXY header factory, else its TLS layer's, else its relay factory.
     front: RelayFactory | ProxyHeaderFactory | TLSTerminator | AgentFront
+    #: Whether its connections get lean transports (read by L{LimitedPort}): plain pairs, spliced.
+    lean = False
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return self.front.buildProtocol(addr)
@@ -450,6 +452,7 @@ class RouteService(_ListeningService):
         ]
         self.generations.append((factory, headers))
         self.entrance.front = front if headers is None else headers
+        self.entrance.lean = factory.lean and route.tls is None
         self.switch(route, events)
         if isinstance(self.port, Membership):
             self.port.shared.router.rebuild()  # the route's names may have changed
@@ -592,6 +595,7 @@ class AgentService(RouteService):
         factory.requests = self.reader = HeaderReader(self.agent)
         factory.deadlines[State.CHECKING] = self.agent.header_timeout
         self.entrance.front = AgentFront(factory, self.site)
+        self.entrance.lean = False  # the front tells tunnels from other clients by what they send
 
     #: The UDP side: DTLS on the TCP port's number, opened after it.
     datagrams: DTLSServer | None = None

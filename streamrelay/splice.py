@@ -2,9 +2,10 @@
 The zero-copy path of the TCP relay: a plain pair's two sockets relayed with
 C{os.splice} (socket → pipe → socket), so bulk bytes never enter Python.
 
-While a pair is spliced the reactor knows each socket through an L{_End}, the
-one descriptor registered for that fd (epoll keeps one handler per fd): it
-reads its socket for its outgoing L{_Flow} and drains its incoming flow into
+While a pair is spliced the reactor's events for each socket reach an
+L{_End} (through a lean connection, which stays registered and passes them
+on, or as the one descriptor registered for a Twisted connection's fd: epoll
+keeps one handler per fd): it reads its socket for its outgoing L{_Flow} and drains its incoming flow into
 the socket.  A flow whose sink cannot take everything stops reading its
 source until what is in flight has gone: that is the backpressure, and at
 most one pipe (or one small read) of bytes per direction is ever in flight.
@@ -22,8 +23,8 @@ move before each read, and reads no more; when the answer is 0 it stops
 reading its source until the buckets have refilled (a timer), so the bytes
 moved per tick are bounded and nothing waits in the process meanwhile.
 
-Twisted's transports stay attached to their protocols but detached from the
-reactor (not reading, not writing, write buffers empty) until the end, when
+The transports stay attached to their protocols, Twisted's detached from the
+reactor (not reading, not writing, write buffers empty), until the end, when
 each gets its socket back through its own C{connectionLost}, which closes the
 socket and tells the protocol, as if Twisted had relayed the bytes itself:
 
@@ -55,6 +56,7 @@ from zope.interface import implementer
 from .bandwidth import Meter
 from .compat import hand_back
 from .hangups import HangupWatch, watch_for
+from .lean import LeanConnection
 
 __all__ = ["AVAILABLE", "COPY_SIZE", "PIPE_SIZE", "PipePool", "Splice", "socket_connection"]
 
@@ -77,9 +79,11 @@ _UNLIMITED = 1 << 62
 
 #: Called with the protocol whose socket the bytes were read from, and how many.
 Moved = Callable[[IProtocol, int], None]
+#: A socket's transport: Twisted's, or a lean one (L{streamrelay.lean}).
+SocketConnection = tcp.Connection | LeanConnection
 
 
-def socket_connection(protocol: IProtocol) -> tcp.Connection | None:
+def socket_connection(protocol: IProtocol) -> SocketConnection | None:
     """
     The TCP connection under C{protocol}'s transport, if it hands its bytes
     straight to C{protocol}: wrappers that stepped out of the data path (the
@@ -87,7 +91,7 @@ def socket_connection(protocol: IProtocol) -> tcp.Connection | None:
     bytes (TLS) makes the answer C{None}.
     """
     transport = protocol.transport  # type: ignore[attr-defined]
-    while not isinstance(transport, tcp.Connection):
+    while not isinstance(transport, (tcp.Connection, LeanConnection)):
         transport = getattr(transport, "transport", None)
         if transport is None:
             return None
@@ -158,7 +162,7 @@ class Splice:
     seen.
     """
 
-    def __init__(self, reactor: IReactorFDSet, first: tcp.Connection, second: tcp.Connection, moved: Moved,
+    def __init__(self, reactor: IReactorFDSet, first: SocketConnection, second: SocketConnection, moved: Moved,
                  *, pipes: PipePool = PIPES, watch: HangupWatch | None = None) -> None:
         self.reactor = reactor
         self.moved = moved
@@ -174,10 +178,8 @@ class Splice:
         self.pipes.attach()
         first = next(iter(self.ends.values()))
         first.outgoing.unsent = preamble
-        # Twisted's registrations go first: the reactor keys them by fd.
         for end in self.ends.values():
-            end.connection.stopReading()
-            end.connection.stopWriting()
+            end.take_over()
         for end in self.ends.values():
             end.outgoing.flush()  # the preamble, if any; otherwise starts reading
 
@@ -218,6 +220,8 @@ class Splice:
         end.released = True
         end.read(False)
         end.write(False)
+        if isinstance(end.connection, LeanConnection):
+            end.connection.driver = None
         end.outgoing.stop()  # what is already in flight still goes to the other end
         end.incoming.stop()
         end.incoming.drop()  # nowhere to go any more
@@ -232,8 +236,10 @@ class _End:
 
     outgoing: _Flow
     incoming: _Flow
+    #: Whom the end asks to poll its socket (L{take_over}): a lean connection, or the reactor for itself.
+    handle: LeanConnection | _Registrations
 
-    def __init__(self, splice: Splice, connection: tcp.Connection) -> None:
+    def __init__(self, splice: Splice, connection: SocketConnection) -> None:
         self.splice = splice
         self.connection = connection
         self.protocol: IProtocol = connection.protocol
@@ -249,6 +255,22 @@ class _End:
 
     def logPrefix(self) -> str:
         return "Splice"
+
+    def take_over(self) -> None:
+        """
+        Become the one handler of the socket's readiness.  A lean connection
+        stays registered and passes its events on; Twisted's drops its
+        registrations first, as the reactor keeps one handler per fd.
+        """
+        connection = self.connection
+        if isinstance(connection, LeanConnection):
+            connection.driver = self
+            self.handle = connection
+            self.reading, self.writing = connection.reading, connection.writing
+        else:
+            connection.stopReading()
+            connection.stopWriting()
+            self.handle = _Registrations(self.splice.reactor, self)
 
     def doRead(self) -> None:
         if not self.released:
@@ -266,15 +288,13 @@ class _End:
     def read(self, wanted: bool) -> None:
         if wanted != self.reading:
             self.reading = wanted
-            reactor = self.splice.reactor
-            (reactor.addReader if wanted else reactor.removeReader)(self)
+            (self.handle.startReading if wanted else self.handle.stopReading)()
             self.watch()
 
     def write(self, wanted: bool) -> None:
         if wanted != self.writing:
             self.writing = wanted
-            reactor = self.splice.reactor
-            (reactor.addWriter if wanted else reactor.removeWriter)(self)
+            (self.handle.startWriting if wanted else self.handle.stopWriting)()
             self.watch()
 
     def watch(self) -> None:
@@ -291,6 +311,26 @@ class _End:
     def hung_up(self, error: int) -> None:
         if error and not self.released:
             self.splice.lost(self, Failure(ConnectionLost(os.strerror(error))))
+
+
+class _Registrations:
+    """An end's own registrations with the reactor, in a connection's terms."""
+
+    def __init__(self, reactor: IReactorFDSet, end: _End) -> None:
+        self.reactor = reactor
+        self.end = end
+
+    def startReading(self) -> None:
+        self.reactor.addReader(self.end)
+
+    def stopReading(self) -> None:
+        self.reactor.removeReader(self.end)
+
+    def startWriting(self) -> None:
+        self.reactor.addWriter(self.end)
+
+    def stopWriting(self) -> None:
+        self.reactor.removeWriter(self.end)
 
 
 class _Flow:

@@ -22,18 +22,19 @@ from typing import Any, Callable, Protocol as Interface
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory, connectionDone
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import events, splice
+from . import events, lean, splice
 from .agentheader import Refusal, Request, encode_header
 from .addresses import HOLD_LIMIT, RUN_ID, describe, join_host_port
 from .bandwidth import Meter, Shaper
 from .config import RouteConfig, UpstreamTLSConfig
 from .compat import connection_under
-from .dial import Dial, is_ip_literal, resolve
+from .dial import Attempt, Dial, is_ip_literal, resolve
 from .events import RefusalLog, RouteEvents
 from .gateway import BAD_LINE, DIAL_FAILED, DIAL_TIMEOUT, OK, Gateway, answer
 from .hangups import HangupWatch, watch_for
@@ -467,7 +468,7 @@ class Pair:
         agent = factory.route.agent
         self.connecting = Dial(
             factory.reactor, addresses, agent.port if agent is not None else self.target_port, factory.connect_timeout,
-            factory.retries, self.target_protocol, self.dial_failed,
+            factory.retries, self.target_protocol, self.dial_failed, factory.connect,
         )
         self.connecting.start()
 
@@ -516,7 +517,7 @@ class Pair:
         self.target_host, self.target_port = target.host, target.port
         self.connecting = Dial(
             factory.reactor, [target.host], target.port, factory.connect_timeout, 0, self.target_protocol,
-            self.target_failed,
+            self.target_failed, factory.connect,
         )
         self.connecting.start()
 
@@ -769,6 +770,12 @@ class RelayFactory(ServerFactory):
         #: How the target is dialed: a gateway's own settings, or the route's.
         self.connect_timeout = route.gateway.timeout if route.gateway else route.connect_timeout
         self.retries = route.gateway.retry - 1 if route.gateway else route.retries
+        #: Whether pairs are plain both ways and spliced, so that lean transports
+        #: (L{streamrelay.lean}) can carry them: the target's always, the
+        #: client's where the route's port gives connections straight to this factory.
+        self.lean = (
+            self.splicing and self.upstream is None and self.gateway is None and isinstance(reactor, PosixReactorBase)
+        )
         self.watch: HangupWatch = watch_for(reactor)
         #: Open pairs, oldest first (a dict keeps the order; the values mean nothing).
         self.pairs: dict[Pair, None] = {}
@@ -782,6 +789,12 @@ class RelayFactory(ServerFactory):
         self.pairs[pair] = None
         self.changed()
         return pair.client
+
+    def connect(self, host: str, port: int, factory: ClientFactory, timeout: float) -> Attempt:
+        """Start one attempt to reach a target (L{Dial} makes them): lean where the pairs are."""
+        if self.lean:
+            return lean.connect(self.reactor, host, port, factory, timeout)
+        return self.reactor.connectTCP(host, port, factory, timeout)
 
     def admit_client(self, pair: Pair) -> bool:
         """Count the pair against C{max_connections_per_client}, if it fits."""
