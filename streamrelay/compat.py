@@ -17,14 +17,16 @@ loudly there instead of quietly somewhere on the relay path.
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet import tcp, udp
 from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.interfaces import Binding, IProtocol, IProtocolFactory, IReactorFDSet, IReactorTCP
+from twisted.python import log
 from twisted.python.failure import Failure
 
-from .lean import LeanConnection, set_relay_options
+from .interfaces import IRelayReactor
+from .lean import LeanConnection, peer_address, set_relay_options
 
 __all__ = [
     "LimitedPort", "SessionPort", "adopt_limited", "connection_under", "hand_back", "inherited_sockets", "listen_limited",
@@ -50,19 +52,6 @@ class LimitedPort(tcp.Port):
         super().startListening()
         set_relay_options(self.socket)
 
-    def transport(  # type: ignore[override]  # a class attribute in tcp.Port, called as a factory
-        self, skt: socket.socket, protocol: IProtocol, addr: tuple[str, int], server: tcp.Port, sessionno: int,
-        reactor: IReactorFDSet,
-    ) -> tcp.Server | LeanConnection:
-        """
-        The transport of an accepted connection (C{tcp.Port.doRead} calls
-        this): a lean one where the factory says its connections are plain
-        (C{lean}), else Twisted's.
-        """
-        if getattr(self.factory, "lean", False):
-            return LeanConnection.accepted(skt, protocol, addr, reactor)  # type: ignore[arg-type]
-        return tcp.Server(skt, protocol, addr, server, sessionno, reactor)
-
     def doRead(self) -> None:
         room = self.room()
         if room <= 0:
@@ -70,7 +59,36 @@ class LimitedPort(tcp.Port):
             return
         if self.numberAccepts > room:
             self.numberAccepts = room
-        super().doRead()
+        if getattr(self.factory, "lean", False):
+            self.accept_lean()
+        else:
+            super().doRead()
+
+    def accept_lean(self) -> None:
+        """
+        What C{tcp.Port.doRead} does (a batch of C{numberAccepts}, grown
+        under load; C{EMFILE} recovered with Twisted's reserved descriptor),
+        each connection given a L{LeanConnection} as its transport, the
+        factory told of the peer's address as it built it.
+        """
+        accepted = 0
+        factory, reactor = self.factory, cast(IRelayReactor, self.reactor)  # the route's, which is one
+        assert factory is not None
+        try:
+            with tcp._BuffersLogs(self._logger.namespace, self._logger.observer) as logger:
+                for skt, addr in tcp._accept(logger, range(self.numberAccepts), self.socket, tcp._reservedFD):
+                    accepted += 1
+                    if len(addr) == 4:  # IPv6: the scope, by name
+                        addr = (socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0], addr[1])
+                    peer = peer_address(addr[0], addr[1])
+                    protocol = factory.buildProtocol(peer)
+                    if protocol is None:
+                        skt.close()
+                        continue
+                    protocol.makeConnection(LeanConnection.accepted(skt, protocol, peer, reactor))
+        except BaseException:
+            log.deferr()
+        self.numberAccepts = self.numberAccepts + 20 if accepted == self.numberAccepts else max(1, accepted)
 
     def set_backlog(self, backlog: int) -> None:
         """Resize the accept queue in place: Linux takes a second C{listen()}."""

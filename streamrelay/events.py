@@ -417,9 +417,16 @@ def _emit(level: LogLevel, action: str, fields: dict[str, Any]) -> None:
     Emit with the text formatted now, by C{str.format}, into C{log_text}:
     C{twisted.logger}'s own formatter is pure Python and cost more than the
     rest of a short connection, and the format C{"{log_text}"} leaves it
-    nothing to parse.
+    nothing to parse.  The event is what C{Logger.emit} builds, handed to
+    the logger's observer directly: that method's check of the level walks
+    every C{LogLevel} on each call, and callers pass levels of
+    C{_enabled} only.
     """
-    _log.emit(level, "{log_text}", log_text=FORMATS[action].format(**fields), action=action, **fields)
+    fields.update(
+        log_text=FORMATS[action].format(**fields), action=action, log_logger=_log, log_level=level,
+        log_namespace=_log.namespace, log_source=None, log_format="{log_text}", log_time=time.time(),
+    )
+    _log.observer(fields)
 
 
 class RouteEvents:

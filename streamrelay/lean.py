@@ -60,13 +60,14 @@ from zope.interface import implementer
 
 from .interfaces import IRelayReactor
 
-__all__ = ["LeanConnection", "LeanConnector", "connect", "set_relay_options"]
+__all__ = ["LeanConnection", "LeanConnector", "connect", "peer_address", "set_relay_options"]
 
 #: What one read takes at most, as Twisted's transports do.
 READ_SIZE = 1 << 16
 #: Bytes buffered for writing above which a registered producer is paused.
 HIGH_WATER = 1 << 16
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+_TCP_ESTABLISHED = 1  # Linux <netinet/tcp.h>; Python does not name TCP states
 
 #: A write half still open, to be shut after the buffer (L{LeanConnection.loseWriteConnection}), ...
 _HALF = 1
@@ -100,7 +101,13 @@ def _connect_failure(number: int) -> Failure:
     return _failure(getConnectError((number, os.strerror(number))))  # type: ignore[no-untyped-call]
 
 
-def _address(host: str, port: int) -> IPv4Address | IPv6Address:
+def _established(skt: socket.socket) -> bool:
+    """Whether the socket's TCP state (C{tcpi_state}, the first byte of C{TCP_INFO}) is ESTABLISHED."""
+    return skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_ESTABLISHED
+
+
+def peer_address(host: str, port: int) -> IPv4Address | IPv6Address:
+    """The address object of an IP literal (an IPv6 one has a colon), as Twisted's transports give."""
     return IPv6Address("TCP", host, port) if ":" in host else IPv4Address("TCP", host, port)
 
 
@@ -144,11 +151,11 @@ class LeanConnection:
 
     @classmethod
     def accepted(
-        cls, skt: socket.socket, protocol: IProtocol, addr: tuple[str, int], reactor: IRelayReactor,
+        cls, skt: socket.socket, protocol: IProtocol, peer: IPv4Address | IPv6Address, reactor: IRelayReactor,
     ) -> LeanConnection:
         """The transport of a socket a listening port accepted (its options inherited), reading."""
         skt.setblocking(False)
-        connection = cls(skt, protocol, _address(addr[0], addr[1]), reactor)
+        connection = cls(skt, protocol, peer, reactor)
         connection.startReading()
         return connection
 
@@ -169,7 +176,7 @@ class LeanConnection:
     def getHost(self) -> IPv4Address | IPv6Address:
         if self.host is None:
             host, port = self.socket.getsockname()[:2]
-            self.host = _address(host, port)
+            self.host = peer_address(host, port)
         return self.host
 
     def setTcpNoDelay(self, enabled: bool) -> None:
@@ -368,6 +375,12 @@ class LeanConnector:
     One attempt to connect to C{host}:C{port} within C{timeout} seconds.  Its
     factory builds the protocol of a connected attempt, or hears of a failed
     one (C{clientConnectionFailed}), as from C{reactor.connectTCP}.
+
+    A target on the same host is often connected by the time C{connect}
+    returns (the kernel runs the handshake on loopback before the call
+    ends, though it answers C{EINPROGRESS}): C{TCP_INFO} tells, and such an
+    attempt is reported connected at the reactor's next turn, with no
+    registration or writability event spent on the wait.
     """
 
     def __init__(
@@ -375,7 +388,7 @@ class LeanConnector:
     ) -> None:
         self.reactor = reactor
         self.factory = factory
-        self.destination = _address(host, port)
+        self.destination = peer_address(host, port)
         family = socket.AF_INET6 if isinstance(self.destination, IPv6Address) else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         self.fd = self.socket.fileno()
@@ -383,7 +396,9 @@ class LeanConnector:
         self.connecting = True
         set_relay_options(self.socket)
         error = self.socket.connect_ex((host, port))
-        if error in (0, errno.EINPROGRESS):
+        if error == 0 or (error == errno.EINPROGRESS and _established(self.socket)):
+            self.timer = reactor.callLater(0, self.connected)  # as Twisted does: never within the caller's call
+        elif error == errno.EINPROGRESS:
             reactor.addWriter(self)
             self.timer = reactor.callLater(timeout, self.timed_out)
         else:  # reported from the reactor, as Twisted does, never during the caller's own call
@@ -401,16 +416,20 @@ class LeanConnector:
         if error:
             self.failed(_connect_failure(error))
             return
-        self.connecting = False
         self.cancel_timer()
+        self.reactor.removeWriter(self)
+        self.connected()
+
+    def connected(self) -> None:
+        """Give the socket a transport, reading, and the factory's protocol."""
+        self.timer = None
+        self.connecting = False
         protocol = self.factory.buildProtocol(self.destination)
         if protocol is None:
-            self.reactor.removeWriter(self)
             self.socket.close()
             return
         transport = LeanConnection(self.socket, protocol, self.destination, self.reactor)
-        transport.startReading()  # before dropping our registration: one modification each, same descriptor
-        self.reactor.removeWriter(self)
+        transport.startReading()
         protocol.makeConnection(transport)
 
     def connectionLost(self, reason: Failure) -> None:

@@ -255,11 +255,15 @@ class Pair:
         if step is None:
             return  # absorbed (lifecycle.IGNORED)
         state, action = step
-        if state is not self.state:
-            self.state = state
-            self.arm(state)
+        if state is self.state:
+            if action:
+                getattr(self, action)(side, detail)
+            return
+        self.state = state
         if action:
             getattr(self, action)(side, detail)
+        if self.state is state:  # the action did not end the state at once (a close that had nothing to flush)
+            self.arm(state)
 
     def arm(self, state: State) -> None:
         """Start C{state}'s deadline; DIALING keeps the one CHECKING started."""
