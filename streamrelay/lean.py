@@ -36,7 +36,6 @@ from typing import Protocol as Interface
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import (
     ConnectionAborted,
-    ConnectionDone,
     ConnectionLost,
     NotConnectingError,
     TimeoutError,
@@ -55,6 +54,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
     IWriteDescriptor,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -250,7 +250,7 @@ class LeanConnection:
         if IHalfCloseableProtocol.providedBy(self.protocol):
             self.protocol.readConnectionLost()
         else:
-            self.connectionLost(_failure(ConnectionDone()))
+            self.connectionLost(connectionDone)
 
     # -- writing
 
@@ -294,7 +294,7 @@ class LeanConnection:
             self.producer_paused = False
             self.producer.resumeProducing()
         if self.closing & _WHOLE:
-            self.connectionLost(_failure(ConnectionDone()))
+            self.connectionLost(connectionDone)
         elif self.closing & _HALF and not self.write_closed:
             self.write_closed = True
             try:

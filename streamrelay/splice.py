@@ -42,7 +42,7 @@ import socket
 from typing import Callable
 
 from twisted.internet import tcp
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -50,6 +50,7 @@ from twisted.internet.interfaces import (
     IReactorFDSet,
     IReadWriteDescriptor,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -207,7 +208,7 @@ class Splice:
     def closed(self, end: _End) -> None:
         """C{end} is closing and nothing is in flight towards it: an orderly close."""
         self.release(end)
-        hand_back(end.connection, Failure(ConnectionDone()))
+        hand_back(end.connection, connectionDone)
 
     def lost(self, end: _End, reason: Failure) -> None:
         """C{end}'s socket failed: tell its protocol now, as the reactor would."""
@@ -435,17 +436,22 @@ class _Flow:
             self.source.read(False)
             self.sink.write(True)
             return
-        self.give_back()
-        self.sink.write(False)
-        if self.sink.closing:
-            self.splice.closed(self.sink)
+        # Each step below is a call only where it changes something: a short
+        # connection's few small writes come through here several times.
+        if self.pipe is not None:
+            self.give_back()
+        sink = self.sink
+        if sink.writing:
+            sink.write(False)
+        if sink.closing:
+            self.splice.closed(sink)
         elif self.fin:
             self.fin = False
             try:
-                self.sink.socket.shutdown(socket.SHUT_WR)
+                sink.socket.shutdown(socket.SHUT_WR)
             except OSError:
                 pass  # the reset, if any, surfaces on the next read
-        elif self.open and self.refill is None:
+        elif self.open and self.refill is None and not self.source.reading:
             self.source.read(True)
 
     def wait(self) -> None:
