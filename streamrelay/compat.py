@@ -25,6 +25,7 @@ from twisted.internet.interfaces import Binding, IProtocol, IProtocolFactory, IR
 from twisted.python import log
 from twisted.python.failure import Failure
 
+from . import hub
 from .interfaces import IRelayReactor
 from .lean import LeanConnection, peer_address, set_relay_options
 
@@ -157,7 +158,9 @@ def swap_protocol(transport: Any, protocol: IProtocol) -> None:
 
 class SessionPort(udp.Port):
     """
-    A connected UDP socket that reads one datagram per readiness event.
+    A connected UDP socket that reads one datagram per readiness event,
+    polled by the process's L{streamrelay.hub.SessionHub} rather than by
+    the reactor itself.
 
     Twisted's C{udp.Port.doRead} reads until the socket is empty, so a
     socket that receives replies one at a time would pay a failed
@@ -171,10 +174,23 @@ class SessionPort(udp.Port):
             data = self.socket.recv(self.maxPacketSize)
         except (BlockingIOError, InterruptedError):
             return
-        except ConnectionRefusedError:
+        except OSError:  # an ICMP error (port or host unreachable) reported on the connected socket
             self.protocol.connectionRefused()
             return
         self.protocol.datagramReceived(data, self._connectedAddr)
+
+    def startReading(self) -> None:
+        """Read through the process's L{SessionHub} (one reactor event for every ready session), where epoll is."""
+        if hub.AVAILABLE:
+            hub.hub_for(self.reactor).add(self)
+        else:
+            super().startReading()
+
+    def stopReading(self) -> None:
+        if hub.AVAILABLE:
+            hub.hub_for(self.reactor).remove(self)
+        else:
+            super().stopReading()
 
     def discard_strangers(self) -> int:
         """

@@ -26,8 +26,9 @@ events) when a reload gives the relay new ones (L{DatagramRelay.configure}).
 The per-datagram path is two counter increments and one system call each
 way.  It calls the sockets' own C{send}/C{sendto} rather than
 C{transport.write}, which re-validates the address of every datagram; a
-session's socket reads one reply per readiness event (L{SessionPort}); and it
-keeps no timestamps: the sweep notices activity by comparing counters.  An
+session's socket reads one reply per readiness event (L{SessionPort}), and
+the process's session sockets are polled together, one reactor event for
+all that are ready (L{streamrelay.hub}); and it keeps no timestamps: the sweep notices activity by comparing counters.  An
 C{on_read} hook gets sessions of their own class (L{ObservedSession}), so
 routes without one pay nothing for it.
 
