@@ -24,7 +24,7 @@ import select
 from typing import Protocol as Interface
 
 from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
-from twisted.python import log
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -34,6 +34,8 @@ __all__ = ["AVAILABLE", "SessionHub", "hub_for"]
 AVAILABLE = hasattr(select, "epoll")
 #: Sockets served per hub event at most; more ready ones wait for the next turn.
 BATCH = 512
+
+_log = Logger()
 
 
 class Reader(Interface):
@@ -94,7 +96,7 @@ class SessionHub:
             try:
                 reader.doRead()
             except Exception:  # one session's failure stays its own, as the reactor keeps it
-                log.err(None, f"reading the session socket {fd}")
+                _log.failure("reading the session socket {fd}", fd=fd)
 
     def connectionLost(self, reason: Failure) -> None:
         """The reactor dropped us (it is shutting down): the ports close on their own."""
