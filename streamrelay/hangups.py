@@ -17,6 +17,7 @@ epoll it watches nothing.
 
 from __future__ import annotations
 
+import functools
 import select
 import socket
 from typing import Callable
@@ -92,12 +93,7 @@ class HangupWatch:
         return "HangupWatch"
 
 
-_watches: dict[int, HangupWatch] = {}
-
-
+@functools.cache
 def watch_for(reactor: IReactorFDSet) -> HangupWatch:
     """The process's watch for C{reactor}."""
-    watch = _watches.get(id(reactor))
-    if watch is None:
-        watch = _watches[id(reactor)] = HangupWatch(reactor)
-    return watch
+    return HangupWatch(reactor)

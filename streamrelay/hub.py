@@ -20,6 +20,7 @@ socket is open.  Without epoll the sockets go to the reactor as usual.
 
 from __future__ import annotations
 
+import functools
 import select
 from typing import Protocol as Interface
 
@@ -109,12 +110,7 @@ class SessionHub:
         return "SessionHub"
 
 
-_hubs: dict[int, SessionHub] = {}
-
-
+@functools.cache
 def hub_for(reactor: IReactorFDSet) -> SessionHub:
     """The process's hub for C{reactor}."""
-    hub = _hubs.get(id(reactor))
-    if hub is None:
-        hub = _hubs[id(reactor)] = SessionHub(reactor)
-    return hub
+    return SessionHub(reactor)
