@@ -159,7 +159,7 @@ def swap_protocol(transport: Any, protocol: IProtocol) -> None:
 class SessionPort(udp.Port):
     """
     A connected UDP socket that reads one datagram per readiness event,
-    polled by the process's L{streamrelay.hub.SessionHub} rather than by
+    polled by the process's L{streamrelay.hub.Hub} rather than by
     the reactor itself.
 
     Twisted's C{udp.Port.doRead} reads until the socket is empty, so a
@@ -180,15 +180,15 @@ class SessionPort(udp.Port):
         self.protocol.datagramReceived(data, self._connectedAddr)
 
     def startReading(self) -> None:
-        """Read through the process's L{SessionHub} (one reactor event for every ready session), where epoll is."""
+        """Read through the process's L{hub.Hub} (one reactor event for every ready socket), where epoll is."""
         if hub.AVAILABLE:
-            hub.hub_for(self.reactor).add(self)
+            hub.hub_for(self.reactor).update(self, True, False)
         else:
             super().startReading()
 
     def stopReading(self) -> None:
         if hub.AVAILABLE:
-            hub.hub_for(self.reactor).remove(self)
+            hub.hub_for(self.reactor).update(self, False, False)
         else:
             super().stopReading()
 

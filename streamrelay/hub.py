@@ -1,21 +1,25 @@
 """
-The UDP sessions' sockets behind one reactor descriptor.
+The relay's own sockets behind one reactor descriptor.
 
-Every UDP session has a socket of its own, connected to its target, which
-receives one reply at a time.  Registered with the reactor, each reply
-would cost a pass through Twisted's per-event dispatch (the log context
-pushed and popped, the descriptor looked up and checked), which is most of
-what relaying a small datagram costs in Python.  The L{SessionHub} keeps
-those sockets in an epoll set of its own instead, registered with the
-reactor as one reader: when it is readable, one event reads a reply from
-every session socket that has one, each through its port's own C{doRead}.
-An ICMP error on a session socket (a target's port unreachable) is read the
-same way, as C{ECONNREFUSED} from the port's C{recv}.
+Each readiness event the reactor dispatches passes through Twisted's
+per-event machinery (the log context pushed and popped, the descriptor
+looked up and checked), which costs more than relaying a small datagram or
+a short request in Python.  The L{Hub} keeps the sockets the relay drives
+itself (UDP sessions' connected sockets, lean TCP connections and their
+dials) in an epoll set of its own, registered with the reactor as one
+reader: when it is readable, one event serves every socket that is ready,
+each through its own C{doRead} or C{doWrite}.
 
-One hub serves the whole process; it makes its epoll descriptor with the
-first session socket and keeps it, so sessions coming and going cost no
-more than their own sockets, and it is in the reactor while some session
-socket is open.  Without epoll the sockets go to the reactor as usual.
+An error or a hang-up is served the same way: the socket's next C{recv},
+C{send} or C{SO_ERROR} reports it (an ICMP port unreachable on a UDP
+session, a reset, a refused dial), so the hub never judges an event
+itself.
+
+One hub serves the whole process; it makes its epoll descriptor when a
+route that uses it is set up and keeps it (sockets coming and going cost
+only their own registrations), and it is in the reactor while it holds
+some socket.
+Without epoll the sockets go to the reactor as usual.
 """
 
 from __future__ import annotations
@@ -24,62 +28,74 @@ import functools
 import select
 from typing import Protocol as Interface
 
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["AVAILABLE", "SessionHub", "hub_for"]
+__all__ = ["AVAILABLE", "Hub", "hub_for"]
 
-#: Whether the platform has epoll (else session sockets go to the reactor).
+#: Whether the platform has epoll (else the sockets go to the reactor).
 AVAILABLE = hasattr(select, "epoll")
 #: Sockets served per hub event at most; more ready ones wait for the next turn.
 BATCH = 512
+_TROUBLE = select.EPOLLERR | select.EPOLLHUP if AVAILABLE else 0
+_READABLE = (select.EPOLLIN | _TROUBLE) if AVAILABLE else 0
+_WRITABLE = (select.EPOLLOUT | _TROUBLE) if AVAILABLE else 0
 
 _log = Logger()
 
 
-class Reader(Interface):
-    """A session socket as the hub sees it (a L{streamrelay.compat.SessionPort})."""
+class Descriptor(Interface):
+    """A socket as the hub serves it: what the reactor would ask of it."""
 
     def fileno(self) -> int: ...
 
     def doRead(self) -> object: ...
 
+    def doWrite(self) -> object: ...
+
+    def connectionLost(self, reason: Failure) -> None: ...
+
 
 @implementer(IReadDescriptor)
-class SessionHub:
-    """The process's session sockets, read through one reactor descriptor."""
+class Hub:
+    """The process's own sockets, polled through one reactor descriptor."""
 
     def __init__(self, reactor: IReactorFDSet) -> None:
         self.reactor = reactor
-        self.epoll: select.epoll | None = None
-        self.readers: dict[int, Reader] = {}
+        self.epoll: select.epoll | None = select.epoll() if AVAILABLE else None
+        #: By descriptor number: the socket's handler and what it waits for (EPOLLIN, EPOLLOUT).
+        self.descriptors: dict[int, Descriptor] = {}
+        self.masks: dict[int, int] = {}
 
-    def add(self, reader: Reader) -> None:
-        """Read C{reader} whenever its socket has a datagram (or an error), until L{remove}."""
-        fd = reader.fileno()
-        if fd in self.readers:
+    def update(self, descriptor: Descriptor, reading: bool, writing: bool) -> None:
+        """Serve C{descriptor} when it is readable, writable, either, or (both false) no more."""
+        fd = descriptor.fileno()
+        mask = (select.EPOLLIN if reading else 0) | (select.EPOLLOUT if writing else 0)
+        current = self.masks.get(fd)
+        if mask == (current or 0):
             return
-        if self.epoll is None:
-            self.epoll = select.epoll()
-        if not self.readers:
-            self.reactor.addReader(self)
-        self.epoll.register(fd, select.EPOLLIN)
-        self.readers[fd] = reader
-
-    def remove(self, reader: Reader) -> None:
-        """Stop reading C{reader} (before its socket closes)."""
-        fd = reader.fileno()
-        if self.readers.get(fd) is not reader or self.epoll is None:
+        if not mask:
+            del self.descriptors[fd], self.masks[fd]
+            assert self.epoll is not None
+            self.epoll.unregister(fd)
+            if not self.descriptors:  # nothing for the reactor to poll
+                self.reactor.removeReader(self)
             return
-        del self.readers[fd]
-        self.epoll.unregister(fd)
-        if not self.readers:  # nothing for the reactor to poll
-            self.reactor.removeReader(self)
+        assert self.epoll is not None  # callers check AVAILABLE
+        if current is None:
+            if not self.descriptors:
+                self.reactor.addReader(self)
+            self.epoll.register(fd, mask)
+            self.descriptors[fd] = descriptor
+        else:
+            self.epoll.modify(fd, mask)
+        self.masks[fd] = mask
 
     def __len__(self) -> int:
-        return len(self.readers)
+        return len(self.descriptors)
 
     # -- IReadDescriptor: the epoll set's own descriptor is readable
 
@@ -89,28 +105,40 @@ class SessionHub:
     def doRead(self) -> None:
         if self.epoll is None:
             return
-        readers = self.readers
-        for fd, _ in self.epoll.poll(0, BATCH):
-            reader = readers.get(fd)
-            if reader is None:
-                continue  # removed by an earlier reader of this batch
+        descriptors, masks = self.descriptors, self.masks
+        for fd, event in self.epoll.poll(0, BATCH):
+            descriptor = descriptors.get(fd)
+            if descriptor is None:
+                continue  # gone since, earlier in this batch
             try:
-                reader.doRead()
-            except Exception:  # one session's failure stays its own, as the reactor keeps it
-                _log.failure("reading the session socket {fd}", fd=fd)
+                if event & _READABLE and masks[fd] & select.EPOLLIN:
+                    descriptor.doRead()
+                if event & _WRITABLE and descriptors.get(fd) is descriptor and masks[fd] & select.EPOLLOUT:
+                    descriptor.doWrite()
+            except Exception:  # one socket's failure stays its own, as the reactor keeps it
+                failure = _failure(None)  # the exception being handled
+                _log.failure("serving descriptor {fd}", failure, fd=fd)
+                if descriptors.get(fd) is descriptor:
+                    self.update(descriptor, False, False)
+                    descriptor.connectionLost(failure)
 
     def connectionLost(self, reason: Failure) -> None:
-        """The reactor dropped us (it is shutting down): the ports close on their own."""
-        self.readers.clear()
-        if self.epoll is not None:
-            self.epoll.close()
-            self.epoll = None
+        """The reactor dropped us (it is shutting down): so are the sockets, as the reactor would tell them."""
+        for descriptor in list(self.descriptors.values()):
+            if descriptor.fileno() in self.descriptors:
+                self.update(descriptor, False, False)
+                descriptor.connectionLost(_failure(ConnectionLost()))
 
     def logPrefix(self) -> str:
-        return "SessionHub"
+        return "Hub"
+
+
+def _failure(error: BaseException | None) -> Failure:
+    """A failure of C{error}, or of the exception being handled: Twisted's constructor has no annotations."""
+    return Failure(error)  # type: ignore[no-untyped-call]
 
 
 @functools.cache
-def hub_for(reactor: IReactorFDSet) -> SessionHub:
+def hub_for(reactor: IReactorFDSet) -> Hub:
     """The process's hub for C{reactor}."""
-    return SessionHub(reactor)
+    return Hub(reactor)

@@ -11,9 +11,10 @@ and a C{shutdown} before every C{close}.  These transports do what such a
 pair needs and no more, behind the interfaces the pair's protocols already
 use (C{ITCPTransport}, C{IConsumer}, C{IPushProducer}):
 
-- L{LeanConnection}: a connected socket, the reactor's handler for its
-  descriptor for its whole life.  Once spliced it passes readiness on to the
-  engine (its C{driver}) without touching the registration.
+- L{LeanConnection}: a connected socket, served for its whole life by the
+  process's L{streamrelay.hub.Hub} (one reactor event for every ready
+  socket, rather than one each).  Once spliced it passes readiness on to
+  the engine (its C{driver}) without touching the registration.
 - L{LeanConnector}: one dial attempt, a non-blocking C{connect} on a raw
   socket whose outcome C{SO_ERROR} tells; what L{streamrelay.dial.Dial}
   gets from C{connect} instead of Twisted's connector.
@@ -58,6 +59,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .hub import hub_for
 from .interfaces import IRelayReactor
 
 __all__ = ["LeanConnection", "LeanConnector", "connect", "peer_address", "set_relay_options"]
@@ -114,7 +116,7 @@ def peer_address(host: str, port: int) -> IPv4Address | IPv6Address:
 @implementer(ITCPTransport, IConsumer, IPushProducer, IReadWriteDescriptor)
 class LeanConnection:
     """
-    A connected TCP socket driven straight through the reactor.  Reads go to
+    A connected TCP socket driven straight through the hub.  Reads go to
     C{protocol} (with half-close, for an C{IHalfCloseableProtocol}) until a
     C{driver} takes them; writes are sent at once, and what the socket does
     not take waits in a buffer that pauses a registered producer above
@@ -131,8 +133,9 @@ class LeanConnection:
         self.protocol = protocol
         self.peer = peer
         self.reactor = reactor
+        self.hub = hub_for(reactor)
         self.host: IPv4Address | IPv6Address | None = None
-        #: Whether the reactor polls the descriptor for reading, for writing (the truth, kept here only).
+        #: Whether the hub polls the descriptor for reading, for writing (the truth, kept here only).
         self.reading = False
         self.writing = False
         #: Set on the socket already (inherited from the listening socket, or set at creation).
@@ -195,27 +198,27 @@ class LeanConnection:
     def getTcpKeepAlive(self) -> bool:
         return self.keepalive
 
-    # -- the reactor's registrations, each made or dropped only when it changes
+    # -- the hub's registrations, each made or dropped only when it changes
 
     def startReading(self) -> None:
         if not self.reading and not self.lost:
             self.reading = True
-            self.reactor.addReader(self)
+            self.hub.update(self, True, self.writing)
 
     def stopReading(self) -> None:
         if self.reading:
             self.reading = False
-            self.reactor.removeReader(self)
+            self.hub.update(self, False, self.writing)
 
     def startWriting(self) -> None:
         if not self.writing and not self.lost:
             self.writing = True
-            self.reactor.addWriter(self)
+            self.hub.update(self, self.reading, True)
 
     def stopWriting(self) -> None:
         if self.writing:
             self.writing = False
-            self.reactor.removeWriter(self)
+            self.hub.update(self, self.reading, False)
 
     # -- IPushProducer: the other side's transport pauses our reads
 
@@ -345,7 +348,7 @@ class LeanConnection:
         """
         The end, once: the socket is closed (with a reset when aborted) and
         the protocol told.  While spliced, the engine hears of it first (the
-        reactor gave up on the descriptor) and hands the connection back.
+        hub gave up on the descriptor) and hands the connection back.
         """
         if self.lost:
             return
@@ -387,6 +390,7 @@ class LeanConnector:
         self, reactor: IRelayReactor, host: str, port: int, factory: IProtocolFactory, timeout: float,
     ) -> None:
         self.reactor = reactor
+        self.hub = hub_for(reactor)
         self.factory = factory
         self.destination = peer_address(host, port)
         family = socket.AF_INET6 if isinstance(self.destination, IPv6Address) else socket.AF_INET
@@ -399,7 +403,7 @@ class LeanConnector:
         if error == 0 or (error == errno.EINPROGRESS and _established(self.socket)):
             self.timer = reactor.callLater(0, self.connected)  # as Twisted does: never within the caller's call
         elif error == errno.EINPROGRESS:
-            reactor.addWriter(self)
+            self.hub.update(self, False, True)
             self.timer = reactor.callLater(timeout, self.timed_out)
         else:  # reported from the reactor, as Twisted does, never during the caller's own call
             reactor.callLater(0, self.failed, _connect_failure(error))
@@ -410,14 +414,19 @@ class LeanConnector:
     def logPrefix(self) -> str:
         return "LeanConnector"
 
+    def doRead(self) -> None:
+        """Never asked: an attempt waits for writability only."""
+
     def doWrite(self) -> None:
         """Writable: connected, or refused (C{SO_ERROR} says which)."""
         error = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             self.failed(_connect_failure(error))
             return
+        if not _established(self.socket):
+            return  # an event for an earlier socket of the same number, served in the same batch
         self.cancel_timer()
-        self.reactor.removeWriter(self)
+        self.hub.update(self, False, False)
         self.connected()
 
     def connected(self) -> None:
@@ -434,9 +443,9 @@ class LeanConnector:
 
     def connectionLost(self, reason: Failure) -> None:
         """
-        The reactor gave up on the descriptor: a refused attempt (epoll
-        reports a hang-up instead of writability; C{SO_ERROR} says why), or
-        the reactor is shutting down.
+        The descriptor was given up on: the reactor is shutting down (the
+        hub tells its sockets, as the reactor tells its own), and
+        C{SO_ERROR} may say why the attempt failed first.
         """
         if self.connecting:
             error = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -451,7 +460,7 @@ class LeanConnector:
             return
         self.connecting = False
         self.cancel_timer()
-        self.reactor.removeWriter(self)
+        self.hub.update(self, False, False)
         self.socket.close()
         self.factory.clientConnectionFailed(self, reason)  # type: ignore[attr-defined]
 

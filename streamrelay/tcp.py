@@ -28,7 +28,7 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import events, lean, splice
+from . import events, hub, lean, splice
 from .agentheader import Refusal, Request, encode_header
 from .addresses import HOLD_LIMIT, RUN_ID, describe, join_host_port
 from .bandwidth import Meter, Shaper
@@ -779,7 +779,10 @@ class RelayFactory(ServerFactory):
         #: client's where the route's port gives connections straight to this factory.
         self.lean = (
             self.splicing and self.upstream is None and self.gateway is None and isinstance(reactor, PosixReactorBase)
+            and hub.AVAILABLE
         )
+        if self.lean:
+            hub.hub_for(reactor)  # its descriptor, from the route's start rather than its first connection
         self.watch: HangupWatch = watch_for(reactor)
         #: Open pairs, oldest first (a dict keeps the order; the values mean nothing).
         self.pairs: dict[Pair, None] = {}
