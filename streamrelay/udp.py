@@ -28,7 +28,7 @@ way.  It calls the sockets' own C{send}/C{sendto} rather than
 C{transport.write}, which re-validates the address of every datagram; a
 session's socket reads one reply per readiness event (L{SessionPort}), and
 the process's session sockets are polled together, one reactor event for
-all that are ready (L{streamrelay.hub}); and it keeps no timestamps: the sweep notices activity by comparing counters.  An
+all that are ready (L{streamrelay.hub.Hub}); and it keeps no timestamps: the sweep notices activity by comparing counters.  An
 C{on_read} hook gets sessions of their own class (L{ObservedSession}), so
 routes without one pay nothing for it.
 
