@@ -37,6 +37,10 @@ class State(StrEnum):
     CLOSING = "closing"  # sockets are flushing, or being reset
     CLOSED = "closed"
 
+    #: A pair looks a (state, input) up on every event: str's C hash, not
+    #: Enum's Python one (equal members are equal strings, so hashes agree).
+    __hash__ = str.__hash__
+
 
 class Input(StrEnum):
     ADMITTED = "admitted"  # ACL, limits and pre_dial let the client through
@@ -49,6 +53,8 @@ class Input(StrEnum):
     TIMEOUT = "timeout"  # the state's deadline passed
     SHUTDOWN = "shutdown"  # the route is stopping: close gracefully
     ABORT = "abort"  # reset everything now
+
+    __hash__ = str.__hash__  # as State's
 
 
 #: What the pair does on a transition, named after its method.

@@ -45,7 +45,6 @@ from twisted.internet import tcp
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IHalfCloseableProtocol,
     IProtocol,
     IReactorFDSet,
     IReadWriteDescriptor,
@@ -160,7 +159,8 @@ class Splice:
     its preamble (a PROXY header, bytes held while dialing) to C{second}
     before anything else.  A socket that is neither read nor written (its
     peer's flow is stalled) is kept in the hangup watch, so its reset is
-    seen.
+    seen.  Both protocols are C{IHalfCloseableProtocol}s: a FIN is reported
+    to its socket's protocol with C{readConnectionLost}.
     """
 
     def __init__(self, reactor: IReactorFDSet, first: SocketConnection, second: SocketConnection, moved: Moved,
@@ -416,7 +416,7 @@ class _Flow:
         self.fin = True
         self.flush()
         if not self.source.released:
-            IHalfCloseableProtocol(self.source.protocol).readConnectionLost()
+            self.source.protocol.readConnectionLost()  # type: ignore[attr-defined]  # half-closeable, as spliced ones are
 
     def flush(self) -> None:
         """Move what is in flight into the sink; while it cannot take everything, stop reading the source."""
