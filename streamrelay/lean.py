@@ -29,6 +29,7 @@ gets them when it is made.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import struct
@@ -101,6 +102,12 @@ def _failure(error: BaseException) -> Failure:
 def _connect_failure(number: int) -> Failure:
     """A failed connect's C{errno} as the C{ConnectError} Twisted's own connectors report."""
     return _failure(getConnectError((number, os.strerror(number))))  # type: ignore[no-untyped-call]
+
+
+@functools.lru_cache(maxsize=1024)
+def _target_address(host: str, port: int) -> IPv4Address | IPv6Address:
+    """A target's address object (immutable, and the same for each of its connections): made once."""
+    return peer_address(host, port)
 
 
 def _established(skt: socket.socket) -> bool:
@@ -392,7 +399,7 @@ class LeanConnector:
         self.reactor = reactor
         self.hub = hub_for(reactor)
         self.factory = factory
-        self.destination = peer_address(host, port)
+        self.destination = _target_address(host, port)
         family = socket.AF_INET6 if isinstance(self.destination, IPv6Address) else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         self.fd = self.socket.fileno()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Protocol as Interface
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.posixbase import PosixReactorBase
@@ -245,7 +245,14 @@ class Pair:
         self.tried: list[Target] = []
         self.awaiting_request = False
         self.started = factory.reactor.seconds()
-        self.done: Deferred[None] = Deferred()
+        self._done: Deferred[None] | None = None
+
+    @property
+    def done(self) -> Deferred[None]:
+        """Fires once the pair is closed; made when first asked for, as most pairs are never waited for."""
+        if self._done is None:
+            self._done = succeed(None) if self.state is State.CLOSED else Deferred()
+        return self._done
 
     # -- the state machine
 
@@ -327,7 +334,8 @@ class Pair:
         self.peer = describe(peer)
         self.client_host = peer.host
         factory.stats.accepted += 1
-        factory.events.debug("accept", conn=self.id, client=self.peer)
+        if events.enabled(LogLevel.debug):
+            factory.events.debug("accept", conn=self.id, client=self.peer)
         self.arm(State.CHECKING)
         route = factory.route
         if route.port_count > 1:
@@ -604,7 +612,8 @@ class Pair:
             if spliced is not None:
                 self.path = spliced
                 factory.stats.spliced += 1
-                factory.events.debug("spliced", conn=self.id, client=self.peer)
+                if events.enabled(LogLevel.debug):
+                    factory.events.debug("spliced", conn=self.id, client=self.peer)
                 for side in (self.client, target):
                     if side.meter is not None:
                         spliced.engine.limit(side, side.meter)
@@ -659,7 +668,8 @@ class Pair:
         if self.chosen is not None:
             factory.pool.done(self.chosen)  # type: ignore[union-attr]
             self.chosen = None
-        self.done.callback(None)
+        if self._done is not None and not self._done.called:
+            self._done.callback(None)
 
     # -- helpers
 
