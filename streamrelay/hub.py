@@ -40,9 +40,10 @@ __all__ = ["AVAILABLE", "Hub", "hub_for"]
 AVAILABLE = hasattr(select, "epoll")
 #: Sockets served per hub event at most; more ready ones wait for the next turn.
 BATCH = 512
+_IN, _OUT = (select.EPOLLIN, select.EPOLLOUT) if AVAILABLE else (0, 0)
 _TROUBLE = select.EPOLLERR | select.EPOLLHUP if AVAILABLE else 0
-_READABLE = (select.EPOLLIN | _TROUBLE) if AVAILABLE else 0
-_WRITABLE = (select.EPOLLOUT | _TROUBLE) if AVAILABLE else 0
+_READABLE = _IN | _TROUBLE
+_WRITABLE = _OUT | _TROUBLE
 
 _log = Logger()
 
@@ -73,7 +74,7 @@ class Hub:
     def update(self, descriptor: Descriptor, reading: bool, writing: bool) -> None:
         """Serve C{descriptor} when it is readable, writable, either, or (both false) no more."""
         fd = descriptor.fileno()
-        mask = (select.EPOLLIN if reading else 0) | (select.EPOLLOUT if writing else 0)
+        mask = (_IN if reading else 0) | (_OUT if writing else 0)
         current = self.masks.get(fd)
         if mask == (current or 0):
             return
@@ -111,9 +112,10 @@ class Hub:
             if descriptor is None:
                 continue  # gone since, earlier in this batch
             try:
-                if event & _READABLE and masks[fd] & select.EPOLLIN:
+                mask = masks[fd]
+                if event & _READABLE and mask & _IN:
                     descriptor.doRead()
-                if event & _WRITABLE and descriptors.get(fd) is descriptor and masks[fd] & select.EPOLLOUT:
+                if event & _WRITABLE and mask & _OUT and descriptors.get(fd) is descriptor and masks[fd] & _OUT:
                     descriptor.doWrite()
             except Exception:  # one socket's failure stays its own, as the reactor keeps it
                 failure = _failure(None)  # the exception being handled

@@ -257,8 +257,10 @@ class StreamRelay(Relay):
             for name, port in tcp.items()
         }
         if udp is not None:
+            # Each repetition's sources are new ones and sessions idle out after 5 minutes: 4,096
+            # sessions (the default limit) would refuse the fifth repetition of 1,000 sources.
             routes[UDP_ROUTE] = {"scheme": "udp4", "bind": LOOPBACK, **self._target(context, UDP_ROUTE, udp),
-                                 **self.udp_fields}
+                                 "max_udp_sessions": 65536, **self.udp_fields}
         return {"shutdown_timeout": "1s", **self.top_level, "routes": routes}
 
     def start(self, context: Context) -> Running:
