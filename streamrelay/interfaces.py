@@ -52,10 +52,10 @@ class IRelayReactor(
 class IRelayTransport(ITCPTransport, IConsumer, IPushProducer):
     """
     A TCP connection's transport as the relay drives it (a
-    C{twisted.internet.tcp.Connection}, or the inbound PROXY header's
-    wrapper in front of one): a TCP transport that is also the consumer of
-    the other side's bytes, a producer the other side can pause, and a
-    socket the hangup watch can watch.
+    C{twisted.internet.tcp.Connection} or a L{streamrelay.lean.LeanConnection},
+    or the inbound PROXY header's wrapper in front of one): a TCP transport
+    that is also the consumer of the other side's bytes, a producer the
+    other side can pause, and a socket the hangup watch can watch.
     """
 
     def fileno() -> int:
