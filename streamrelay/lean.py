@@ -472,9 +472,9 @@ class LeanConnector:
         self.factory.clientConnectionFailed(self, reason)  # type: ignore[attr-defined]
 
     def cancel_timer(self) -> None:
+        """Cancel the pending timer: whichever fires (timeout, connected) forgets itself first."""
         if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
+            self.timer.cancel()
             self.timer = None
 
     def stopConnecting(self) -> None:

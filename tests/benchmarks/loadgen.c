@@ -46,6 +46,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loopback.h"
+
 #define REQUEST_SIZE 100
 #define DATAGRAM_SIZE 64
 #define MAX_EVENTS 512
@@ -57,36 +59,12 @@ static size_t prefix_length = 0;
 static const char *answer = "";
 static size_t answer_length = 0;
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void die(const char *what) {
-    perror(what);
-    exit(2);
-}
-
 static void raise_fd_limit(void) {
     struct rlimit limit;
     if (getrlimit(RLIMIT_NOFILE, &limit) == 0) {
         limit.rlim_cur = limit.rlim_max;
         setrlimit(RLIMIT_NOFILE, &limit);
     }
-}
-
-static struct sockaddr_in loopback_address(const char *host, int port) {
-    struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons(port)};
-    if (inet_pton(AF_INET, host, &address.sin_addr) != 1) {
-        fprintf(stderr, "not an IPv4 address: %s\n", host);
-        exit(2);
-    }
-    if ((ntohl(address.sin_addr.s_addr) >> 24) != 127) {
-        fprintf(stderr, "refusing a non-loopback target: %s\n", host);
-        exit(2);
-    }
-    return address;
 }
 
 static int listen_on(int type, int port) {

@@ -47,41 +47,19 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loopback.h"
+
 #define REQUEST_SIZE 100
 #define BLOCK (1 << 20)
 #define PAGE 4096
 #define MAX_EVENTS 512
 #define IO_TIMEOUT_S 60
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void die(const char *what) {
-    perror(what);
-    exit(2);
-}
-
 static _Noreturn void die_tls(const char *what) {
     fprintf(stderr, "%s: ", what);
     ERR_print_errors_fp(stderr);
     fprintf(stderr, "\n");
     exit(2);
-}
-
-static struct sockaddr_in loopback_address(const char *host, int port) {
-    struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons(port)};
-    if (inet_pton(AF_INET, host, &address.sin_addr) != 1) {
-        fprintf(stderr, "not an IPv4 address: %s\n", host);
-        exit(2);
-    }
-    if ((ntohl(address.sin_addr.s_addr) >> 24) != 127) {
-        fprintf(stderr, "refusing a non-loopback target: %s\n", host);
-        exit(2);
-    }
-    return address;
 }
 
 /* Bound every blocking read and write, so no transfer can hang for ever. */
