@@ -35,13 +35,7 @@ from tests.test_udp_proxy import HeaderTarget, encode, exchange
 
 
 def _free(port: int) -> bool:
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        with socket.socket(socket.AF_INET, kind) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
+    return not taken(socket.SOCK_STREAM, port) and not taken(socket.SOCK_DGRAM, port)
 
 
 def free_range(count: int) -> int:
